@@ -1,0 +1,5 @@
+import sys
+
+from gpt.cli import main
+
+sys.exit(main())

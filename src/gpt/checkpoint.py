@@ -1,0 +1,162 @@
+"""A checkpoint is a folder that needs nothing else to load:
+
+  config.json         model and training config, tokenizer info, data source, versions
+  model.safetensors   the weights to use (during training: the best by validation loss)
+  tokenizer.json      the byte-level BPE
+  training_state.pt   the latest weights, optimizer, step, elapsed time and RNG state, for --resume
+
+Each file is written to a temporary name and renamed over the old one, so a crash mid-save
+leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from gpt.config import ModelConfig, TrainConfig, UsageError
+from gpt.model import GPT
+from gpt.tokenizer import load_tokenizer, tokenizer_info
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, STATE_FILE = (
+    "config.json", "model.safetensors", "tokenizer.json", "training_state.pt",
+)
+
+
+def package_version() -> str:
+    try:
+        return version("wonderland-gpt")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through `write(temporary_path)`, flush to disk, then rename into place."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(temporary)
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def save_config(
+    folder: Path, model_config: ModelConfig, train_config: TrainConfig, tokenizer: Tokenizer, data: str
+) -> None:
+    info = {
+        "format_version": FORMAT_VERSION,
+        "model": dataclasses.asdict(model_config),
+        "train": dataclasses.asdict(train_config),
+        "tokenizer": tokenizer_info(tokenizer),
+        "data": data,
+        "versions": {"wonderland-gpt": package_version(), "torch": torch.__version__},
+    }
+    write_text(folder / CONFIG_FILE, json.dumps(info, indent=2) + "\n")
+    write_text(folder / TOKENIZER_FILE, tokenizer.to_str(pretty=True))
+
+
+def save_weights(folder: Path, model: GPT, metadata: dict[str, str] | None = None) -> None:
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=metadata or {}))
+
+
+def save_training_state(folder: Path, state: dict) -> None:
+    atomic_write(folder / STATE_FILE, lambda p: torch.save(state, p))
+
+
+@dataclass
+class Checkpoint:
+    model: GPT
+    tokenizer: Tokenizer
+    model_config: ModelConfig
+    train_config: TrainConfig
+    info: dict
+
+
+def read_config(folder: Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"checkpoint folder {folder} not found; train one with: gpt train --out {folder}")
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise UsageError(f"{path} not found: {folder} is not a checkpoint folder (made by gpt train)")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is not valid JSON ({err}); the checkpoint is damaged") from None
+    found = info.get("format_version")
+    if not isinstance(found, int) or found > FORMAT_VERSION:
+        raise UsageError(
+            f"{path} has format version {found!r}; this wonderland-gpt reads up to {FORMAT_VERSION}: upgrade it"
+        )
+    return info
+
+
+def configs_from(info: dict, path: Path) -> tuple[ModelConfig, TrainConfig]:
+    try:
+        model_config = ModelConfig(**info["model"])
+        train_config = TrainConfig(**info["train"])
+    except (KeyError, TypeError) as err:
+        raise UsageError(f"{path / CONFIG_FILE} has a bad model or train section ({err})") from None
+    model_config.validate()
+    return model_config, train_config
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Model (in eval mode), tokenizer and configs from a checkpoint folder."""
+    folder = Path(folder)
+    info = read_config(folder)
+    model_config, train_config = configs_from(info, folder)
+    tokenizer = load_tokenizer(folder / TOKENIZER_FILE)
+    if tokenizer.get_vocab_size() != model_config.vocab_size:
+        raise UsageError(
+            f"{folder / TOKENIZER_FILE} has {tokenizer.get_vocab_size()} tokens but the model expects "
+            f"{model_config.vocab_size}; the tokenizer belongs to another checkpoint"
+        )
+    model = GPT(config=model_config)
+    load_weights(model, folder / WEIGHTS_FILE)
+    model.to(device).eval()
+    return Checkpoint(model, tokenizer, model_config, train_config, info)
+
+
+def load_weights(model: GPT, path: Path) -> None:
+    if not path.is_file():
+        raise UsageError(f"{path} not found; the checkpoint has no weights yet (train longer or resume)")
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for damaged files
+        raise UsageError(f"{path} cannot be read ({err}); the file is damaged") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UsageError(f"{path} does not fit the model in config.json ({first})") from None
+
+
+def load_training_state(folder: Path) -> dict:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise UsageError(f"no training state in {folder} to resume from; start without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged files
+        raise UsageError(f"{path} cannot be read ({err}); the training state is damaged") from None

@@ -1,0 +1,184 @@
+"""Configuration: two plain dataclasses, named presets and TOML overrides.
+
+Everything a run needs is in ModelConfig (the network's shape) and TrainConfig (how it is
+trained). They are passed down explicitly and saved verbatim in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported as one line, never as a traceback."""
+
+
+ARCHS = ("gpt1", "gpt2")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 1024
+    sequence_len: int = 128
+    num_layers: int = 4
+    embed_dim: int = 256
+    num_heads: int = 4
+    forward_expansion: int = 4
+    dropout: float = 0.1
+    arch: str = "gpt1"  # "gpt1": post-LN blocks of the GPT-1 paper; "gpt2": pre-LN with a final LayerNorm
+    pad_idx: int | None = None
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "sequence_len", "num_layers", "embed_dim", "num_heads", "forward_expansion"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.embed_dim % self.num_heads:
+            raise UsageError(
+                f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.arch not in ARCHS:
+            raise UsageError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+
+
+@dataclass
+class TrainConfig:
+    tokenizer_vocab_size: int = 1024  # BPE vocabulary, special tokens included
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    max_steps: int | None = None
+    max_time: float | None = 600.0  # seconds of training, evaluation included
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 200
+    eval_stride: int | None = None  # sliding-window stride for validation; None: sequence_len // 2
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    seed: int = 1337
+    val_fraction: float = 0.1
+    device: str = "auto"  # "auto", "cpu", "cuda", "mps"
+    dtype: str = "float32"  # "auto", "float32", "bfloat16"
+
+    def validate(self) -> None:
+        for name in ("tokenizer_vocab_size", "batch_size", "eval_interval", "log_interval", "checkpoint_interval"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.tokenizer_vocab_size < 258:
+            raise UsageError("train.tokenizer_vocab_size must be at least 258 (256 bytes + 2 special tokens)")
+        if self.learning_rate <= 0:
+            raise UsageError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise UsageError(f"--max-steps must be positive, got {self.max_steps}")
+        if self.max_time is not None and self.max_time <= 0:
+            raise UsageError(f"--max-time must be positive, got {self.max_time}")
+        if self.max_steps is None and self.max_time is None:
+            raise UsageError("set --max-steps or --max-time, or the run would never end")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UsageError(f"train.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UsageError(f"train.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass
+class Preset:
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    about: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        model=dict(sequence_len=32, num_layers=2, embed_dim=32, num_heads=2, dropout=0.0),
+        train=dict(tokenizer_vocab_size=320, batch_size=8, learning_rate=3e-3, warmup_steps=10,
+                   eval_interval=50, log_interval=5, checkpoint_interval=50, max_time=30.0),
+        about="2 layers, 32 wide: trains in seconds, for tests and smoke checks",
+    ),
+    "small": Preset(
+        about="4 layers, 256 wide, 128-token context: the default, sized for a laptop CPU",
+    ),
+    "seed": Preset(
+        model=dict(sequence_len=128, num_layers=12, embed_dim=768, num_heads=12, dropout=0.1),
+        train=dict(tokenizer_vocab_size=4096, batch_size=16, learning_rate=2.5e-4, warmup_steps=2000,
+                   weight_decay=0.01, max_time=None, max_steps=100_000),
+        about="the seed project's 12-layer, 768-wide, 12-head, 128-token model (GPT-1 sized, slow on a CPU)",
+    ),
+}
+DEFAULT_PRESET = "small"
+
+
+def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
+    """Return fresh configs for a named preset."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    chosen = PRESETS[name]
+    return ModelConfig(**chosen.model), TrainConfig(**chosen.train)
+
+
+def _coerce(section: str, key: str, value, annotation: str):
+    allowed_none = "None" in annotation
+    if value is None or (allowed_none and value == "none"):
+        if allowed_none:
+            return None
+        raise UsageError(f"{section}.{key} cannot be empty")
+    if "float" in annotation and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = {"int": int, "float": float, "str": str, "bool": bool}
+    base = re.match(r"\w+", annotation).group(0)
+    kind = expected.get(base)
+    if kind is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+        raise UsageError(f"{section}.{key} must be a {base}, got {value!r}")
+    return value
+
+
+def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: dict) -> None:
+    """Apply {"model": {...}, "train": {...}} onto the configs, naming any unknown or mistyped key."""
+    targets = {"model": model, "train": train}
+    for section, values in overrides.items():
+        if section not in targets or not isinstance(values, dict):
+            raise UsageError(f"unknown config section [{section}]; use [model] and [train]")
+        target = targets[section]
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        for key, value in values.items():
+            if key not in fields:
+                raise UsageError(f"unknown key {section}.{key}; known keys: {', '.join(fields)}")
+            annotation = str(fields[key].type)
+            setattr(target, key, _coerce(section, key, value, annotation))
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} not found; pass an existing .toml file to --config")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"config file {path} is not valid TOML ({err}); fix the file") from None
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '10m', '2h' or plain seconds -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise UsageError(f"cannot read duration {text!r}; write it like 30s, 10m or 2h")
+    number, unit = float(match.group(1)), (match.group(2) or "s")[0]
+    seconds = number * {"s": 1, "m": 60, "h": 3600}[unit]
+    if seconds <= 0:
+        raise UsageError(f"duration {text!r} must be longer than zero")
+    return seconds

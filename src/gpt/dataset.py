@@ -1,0 +1,150 @@
+"""Token ids on disk, the train/validation split, and the windows the model learns from.
+
+The split is by characters, before tokenizing: the first 90% of the corpus's characters train,
+the last 10% validate (`val_fraction`). Each document's ids start with the end-of-text token, so
+the first real token is predicted from it and every character can be scored.
+
+Training batches are windows drawn without replacement: the stream of window starts is an endless
+sequence of random permutations (one per epoch, seeded), and step s takes the next batch_size of
+them. A batch is a function of (seed, step) alone, which makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import Dataset
+
+from gpt.config import UsageError
+from gpt.tokenizer import EOT, encode, special_id
+
+
+def split_documents(documents: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Cut the concatenated corpus at int((1 - val_fraction) * characters)."""
+    total = sum(len(d) for d in documents)
+    cut = int((1.0 - val_fraction) * total)
+    train, val, seen = [], [], 0
+    for doc in documents:
+        head = doc[: max(0, cut - seen)]
+        tail = doc[len(head) :]
+        train += [head] if head else []
+        val += [tail] if tail else []
+        seen += len(doc)
+    return train, val
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
+    """[EOT] + ids of each document, concatenated."""
+    eot = special_id(tokenizer, EOT)
+    pieces = [np.array([eot] + encode(tokenizer, doc), dtype=np.int64) for doc in documents]
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    return ids.astype(token_dtype(tokenizer.get_vocab_size()))
+
+
+def write_tokens(path: Path, ids: np.ndarray) -> np.ndarray:
+    """Write ids atomically as a raw binary file and return it memory-mapped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    ids.tofile(temporary)
+    os.replace(temporary, path)
+    return np.memmap(path, dtype=ids.dtype, mode="r")
+
+
+@dataclass
+class TokenSplits:
+    train: np.ndarray
+    val: np.ndarray
+    val_text: list[str]
+
+
+def prepare_splits(
+    documents: list[str], tokenizer: Tokenizer, val_fraction: float, folder: Path | None = None
+) -> TokenSplits:
+    """Tokenize both splits; with a folder, keep them there as memory-mapped files."""
+    train_docs, val_docs = split_documents(documents, val_fraction)
+    train_ids = encode_documents(tokenizer, train_docs)
+    val_ids = encode_documents(tokenizer, val_docs)
+    if folder is not None:
+        train_ids = write_tokens(Path(folder) / "train.bin", train_ids)
+        val_ids = write_tokens(Path(folder) / "val.bin", val_ids)
+    return TokenSplits(train_ids, val_ids, val_docs)
+
+
+def check_lengths(splits: TokenSplits, sequence_len: int) -> None:
+    if len(splits.train) < sequence_len + 2:
+        raise UsageError(
+            f"the training text has {len(splits.train)} tokens, fewer than one window of {sequence_len + 1}; "
+            "use more text or a preset with a shorter sequence_len"
+        )
+    if len(splits.val) < 2:
+        raise UsageError("the validation split is empty; use a longer text")
+
+
+class WindowSampler:
+    """Batches of (input, target) windows: without replacement within an epoch, a function of the step."""
+
+    def __init__(self, ids: np.ndarray, sequence_len: int, batch_size: int, seed: int):
+        self.ids, self.sequence_len, self.batch_size, self.seed = ids, sequence_len, batch_size, seed
+        self.num_windows = len(ids) - sequence_len  # a window needs sequence_len + 1 tokens
+        self._offsets = np.arange(sequence_len + 1)
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            self._permutations = {e: p for e, p in self._permutations.items() if e >= epoch - 1}
+            rng = np.random.default_rng([self.seed, epoch])
+            self._permutations[epoch] = rng.permutation(self.num_windows)
+        return self._permutations[epoch]
+
+    def starts(self, step: int) -> np.ndarray:
+        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        epochs, within = np.divmod(positions, self.num_windows)
+        return np.array([self._permutation(int(e))[i] for e, i in zip(epochs, within)])
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = self.ids[self.starts(step)[:, None] + self._offsets]  # (B, T+1)
+        windows = torch.from_numpy(windows.astype(np.int64))
+        return windows[:, :-1], windows[:, 1:]
+
+
+class WindowDataset(Dataset):
+    """Every (input, target) window of a token array, one start position apart (the seed's Dataset)."""
+
+    def __init__(self, ids: np.ndarray, sequence_len: int):
+        if len(ids) < sequence_len + 1:
+            raise UsageError(f"text has {len(ids)} tokens, fewer than one window of {sequence_len + 1}")
+        self.ids, self.sequence_len = ids, sequence_len
+
+    def __len__(self) -> int:
+        return len(self.ids) - self.sequence_len
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        window = torch.from_numpy(self.ids[index : index + self.sequence_len + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+
+def build_dataset(
+    tokenizer: Tokenizer,
+    sequence_len: int = 128,
+    documents: list[str] | None = None,
+    split: str = "train",
+    val_fraction: float = 0.1,
+) -> WindowDataset:
+    """The seed's entry point: windows of Alice's (or `documents`') training or validation split."""
+    if split not in ("train", "val"):
+        raise UsageError(f"split must be 'train' or 'val', got {split!r}")
+    if documents is None:
+        from gpt.corpus import load_documents
+
+        documents = load_documents()
+    splits = prepare_splits(documents, tokenizer, val_fraction)
+    return WindowDataset(splits.train if split == "train" else splits.val, sequence_len)

@@ -1,0 +1,91 @@
+"""Byte-level BPE: every string maps to ids and back exactly (spaces, newlines, emoji, CJK).
+
+Byte-level means the base alphabet is the 256 bytes, so nothing is ever unknown and decoding
+is the exact inverse of encoding. Merges are learned from the training text only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from gpt.config import UsageError
+
+PAD = "[PAD]"
+EOT = "<|endoftext|>"
+SPECIAL_TOKENS = (PAD, EOT)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
+    """Learn a byte-level BPE of `vocab_size` ids (special tokens included) from `texts`."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1024) -> Tokenizer:
+    """The seed's entry point: with no arguments, a BPE trained on Alice's training split."""
+    if texts is None:
+        from gpt.corpus import load_documents
+        from gpt.dataset import split_documents
+
+        texts = split_documents(load_documents(), val_fraction=0.1)[0]
+    return train_tokenizer(texts, vocab_size)
+
+
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def special_id(tokenizer: Tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise UsageError(f"tokenizer has no {token} token; use a tokenizer made by gpt train")
+    return token_id
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
+    Path(path).write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"tokenizer file {path} not found; the checkpoint folder is incomplete")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on malformed files
+        raise UsageError(f"tokenizer file {path} cannot be read ({err}); re-create the checkpoint") from None
+
+
+def tokenizer_info(tokenizer: Tokenizer) -> dict:
+    """What config.json records about the tokenizer."""
+    return {
+        "type": "byte-level BPE",
+        "vocab_size": tokenizer.get_vocab_size(),
+        "pad_id": special_id(tokenizer, PAD),
+        "eot_id": special_id(tokenizer, EOT),
+        "sha256_of_json": _fingerprint(tokenizer),
+    }
+
+
+def _fingerprint(tokenizer: Tokenizer) -> str:
+    import hashlib
+
+    data = json.loads(tokenizer.to_str())
+    return hashlib.sha256(json.dumps(data["model"], sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,238 @@
+"""The training loop: AdamW, warmup then cosine decay, clipping, periodic validation, checkpoints.
+
+The schedule runs on progress = max(step / max_steps, elapsed / max_time), so a run limited by
+time still warms up, decays to its floor and ends exactly when the budget is spent. The budget
+is the whole run's: a resumed run continues from the saved step and elapsed time.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gpt.checkpoint import (
+    TOKENIZER_FILE,
+    configs_from,
+    load_training_state,
+    read_config,
+    save_config,
+    save_training_state,
+    save_weights,
+)
+from gpt.config import ModelConfig, TrainConfig, UsageError
+from gpt.corpus import load_documents
+from gpt.dataset import WindowSampler, check_lengths, prepare_splits, split_documents
+from gpt.evaluate import Score, make_score, total_nats, unigram_score
+from gpt.logs import MetricsLog, Progress, plot_losses
+from gpt.model import GPT
+from gpt.tokenizer import EOT, PAD, load_tokenizer, special_id, train_tokenizer
+
+
+@dataclass
+class RunResult:
+    step: int
+    best_val_loss: float
+    interrupted_by: str | None  # "SIGINT" / "SIGTERM" when stopped early
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
+    """The low precision to train in, or None for plain float32."""
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:
+    """Weight decay on matrices (and embeddings) only; biases and LayerNorm gains are left alone."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2))
+
+
+def run_progress(step: int, elapsed: float, config: TrainConfig) -> float:
+    by_steps = step / config.max_steps if config.max_steps else 0.0
+    by_time = elapsed / config.max_time if config.max_time else 0.0
+    return max(by_steps, by_time)
+
+
+def learning_rate(step: int, progress: float, config: TrainConfig) -> float:
+    warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return config.learning_rate * warmup * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the loop to stop after the current step; a second one stops at once."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def prepare_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"cannot write to {out} ({err.strerror}); pass a writable --out folder") from None
+
+
+def train(
+    model_config: ModelConfig, train_config: TrainConfig, out: str | Path, data: str | None = None,
+    resume: bool = False, show_progress: bool = True,
+) -> RunResult:
+    """Train from scratch (or resume the run in `out`) and keep its checkpoint in `out`."""
+    out = Path(out)
+    train_config.validate()
+    model_config.validate()
+    prepare_output(out)
+    state = None
+    if resume:
+        stored_model, _ = configs_from(read_config(out), out)
+        state = load_training_state(out)
+        tokenizer = load_tokenizer(out / TOKENIZER_FILE)
+        model_config.vocab_size = stored_model.vocab_size
+        model_config.pad_idx = stored_model.pad_idx
+        if model_config != stored_model:
+            raise UsageError(f"the model config differs from the checkpoint's in {out}; resume without changes "
+                             "to the model, or train into a new --out folder")
+        data = data or read_config(out)["data"]
+    documents = load_documents(data)
+    if not resume:
+        train_docs = split_documents(documents, train_config.val_fraction)[0]
+        tokenizer = train_tokenizer(train_docs, train_config.tokenizer_vocab_size)
+        model_config.vocab_size = tokenizer.get_vocab_size()
+        model_config.pad_idx = special_id(tokenizer, PAD)
+    splits = prepare_splits(documents, tokenizer, train_config.val_fraction, out / "data")
+    check_lengths(splits, model_config.sequence_len)
+    eot = special_id(tokenizer, EOT)
+
+    device = choose_device(train_config.device)
+    low_precision = autocast_dtype(device, train_config.dtype)
+    torch.manual_seed(train_config.seed)
+    model = GPT(config=model_config).to(device)
+    optimizer = make_optimizer(model, train_config)
+    step, elapsed, best_val = 0, 0.0, math.inf
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed, best_val = state["step"], state["elapsed"], state["best_val_loss"]
+        torch.set_rng_state(state["rng"])
+    else:
+        save_config(out, model_config, train_config, tokenizer, str(Path(data).resolve()) if data else "alice")
+
+    say = print if show_progress else (lambda *a, **k: None)
+    unigram = unigram_score(splits.train, splits.val, splits.val_text, eot, model_config.vocab_size)
+    say(f"{model.num_params() / 1e6:.2f}M parameters | {len(splits.train):,} training tokens, "
+        f"{len(splits.val):,} validation tokens | device {device}"
+        f"{' bf16' if low_precision else ''} | a unigram model scores val loss {unigram.loss:.3f} "
+        f"({unigram.bits_per_char:.3f} bits/char)", file=sys.stderr)
+    if resume:
+        say(f"resuming at step {step} ({elapsed:.0f}s already trained)", file=sys.stderr)
+
+    def validate() -> Score:
+        nats, count = total_nats(model, splits.val, eot, train_config.eval_stride, autocast_dtype=low_precision)
+        return make_score(nats, count, splits.val_text)
+
+    def checkpoint(val_loss: float | None) -> None:
+        nonlocal best_val
+        if val_loss is not None and val_loss < best_val:
+            best_val = val_loss
+            save_weights(out, model, {"step": str(step), "val_loss": f"{val_loss:.6f}"})
+        save_training_state(out, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "elapsed": elapsed, "best_val_loss": best_val, "rng": torch.get_rng_state(),
+        })
+
+    sampler = WindowSampler(splits.train, model_config.sequence_len, train_config.batch_size, train_config.seed)
+    tokens_per_step = train_config.batch_size * model_config.sequence_len
+    metrics = MetricsLog(out / "metrics.jsonl", resume_after_step=step if resume else None)
+    bar = Progress(run_progress(step, elapsed, train_config), enabled=show_progress)
+    model.train()
+    started = time.perf_counter() - elapsed
+    window_start, window_steps, val_loss = time.perf_counter(), 0, None
+    with StopSignals() as stop:
+        finished = run_progress(step, elapsed, train_config) >= 1.0
+        while not finished and not stop.received:
+            progress = run_progress(step, elapsed, train_config)
+            lr = learning_rate(step, progress, train_config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = (t.to(device, non_blocking=True) for t in sampler.batch(step))
+            with torch.autocast(device.type, dtype=low_precision, enabled=low_precision is not None):
+                loss = model.loss(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            elapsed = time.perf_counter() - started
+            finished = run_progress(step, elapsed, train_config) >= 1.0
+            ending = finished or stop.received is not None
+            evaluating = step % train_config.eval_interval == 0 or ending
+            if step % train_config.log_interval == 0 or evaluating:
+                train_loss = loss.item()
+                if not math.isfinite(train_loss):
+                    raise UsageError(f"the training loss became {train_loss} at step {step}; lower the "
+                                     "learning rate (the last good checkpoint is kept)")
+                speed = window_steps * tokens_per_step / max(time.perf_counter() - window_start, 1e-9)
+                row = {"step": step, "train_loss": round(train_loss, 6), "lr": lr,
+                       "tokens_seen": step * tokens_per_step, "elapsed": round(elapsed, 3),
+                       "tokens_per_s": round(speed)}
+                if evaluating:
+                    score = validate()
+                    val_loss = score.loss
+                    row.update(val_loss=round(score.loss, 6), val_bits_per_char=round(score.bits_per_char, 6))
+                metrics.write(row)
+                bar.update(run_progress(step, elapsed, train_config), step=step, loss=f"{train_loss:.3f}",
+                           val="-" if val_loss is None else f"{val_loss:.3f}", tok_s=f"{speed:,.0f}")
+            if evaluating or step % train_config.checkpoint_interval == 0:
+                checkpoint(val_loss if evaluating else None)
+                window_start, window_steps = time.perf_counter(), 0
+    bar.close()
+    metrics.close()
+    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    if stop.received:
+        say(f"stopped by {stop.received} at step {step}; checkpoint saved. Continue with: "
+            f"gpt train --resume --out {out}", file=sys.stderr)
+    else:
+        say(f"done: step {step}, best val loss {best_val:.4f}; checkpoint in {out}", file=sys.stderr)
+    return RunResult(step, best_val, stop.received)
