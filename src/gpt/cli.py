@@ -61,14 +61,13 @@ def build_parser() -> ArgumentParser:
 def train_configs(args: argparse.Namespace):
     from gpt.checkpoint import configs_from, read_config
 
-    if args.resume:
-        if args.preset or args.config:
-            raise UsageError("--resume continues with the configuration saved in --out; drop --preset/--config")
-        model_config, train_config = configs_from(read_config(Path(args.out)), Path(args.out))
-    else:
-        model_config, train_config = preset(args.preset or DEFAULT_PRESET)
-        if args.config:
-            apply_overrides(model_config, train_config, load_toml(args.config))
+    model_config, train_config = preset(args.preset or DEFAULT_PRESET)
+    if args.config:
+        apply_overrides(model_config, train_config, load_toml(args.config))
+    if args.resume:  # the saved configuration wins; a different model is refused by train()
+        stored_model, train_config = configs_from(read_config(Path(args.out)), Path(args.out))
+        if not (args.preset or args.config):
+            model_config = stored_model
     if args.max_time is not None:
         train_config.max_time = parse_duration(args.max_time)
         train_config.max_steps = args.max_steps
@@ -124,8 +123,6 @@ def run_eval(args: argparse.Namespace) -> int:
     from gpt.evaluate import evaluate_documents
     from gpt.train import choose_device
 
-    if args.stride is not None and args.stride <= 0:
-        raise UsageError(f"--stride must be positive, got {args.stride}")
     checkpoint = load_checkpoint(args.checkpoint, choose_device(args.device))
     if args.text:
         documents, what = load_documents(args.text), args.text

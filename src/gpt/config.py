@@ -87,6 +87,8 @@ class TrainConfig:
             raise UsageError(f"--max-time must be positive, got {self.max_time}")
         if self.max_steps is None and self.max_time is None:
             raise UsageError("set --max-steps or --max-time, or the run would never end")
+        if self.eval_stride is not None and self.eval_stride <= 0:
+            raise UsageError(f"train.eval_stride must be positive, got {self.eval_stride}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UsageError(f"train.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

@@ -71,6 +71,10 @@ def prepare_splits(
 ) -> TokenSplits:
     """Tokenize both splits; with a folder, keep them there as memory-mapped files."""
     train_docs, val_docs = split_documents(documents, val_fraction)
+    if not train_docs or not val_docs:
+        characters = sum(len(d) for d in documents)
+        raise UsageError(f"the text has {characters} characters, too few to split into training and validation "
+                         "parts; use a longer text")
     train_ids = encode_documents(tokenizer, train_docs)
     val_ids = encode_documents(tokenizer, val_docs)
     if folder is not None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from gpt.config import UsageError
 from gpt.dataset import encode_documents
 from gpt.model import GPT
 from gpt.tokenizer import EOT, special_id
@@ -63,7 +64,9 @@ def total_nats(
 ) -> tuple[float, int]:
     """Sum of -log p over every target token except `ignore_id`, and how many were scored."""
     T = model.config.sequence_len
-    stride = stride or max(1, T // 2)
+    stride = max(1, T // 2) if stride is None else stride
+    if not 0 < stride <= T:
+        raise UsageError(f"the stride must be between 1 and the context length {T}, got {stride}")
     device = model.token_embed.weight.device
     was_training = model.training
     model.eval()

@@ -17,6 +17,27 @@ from gpt.sampling import SamplingParams
 from gpt.tokenizer import EOT, decode, encode, special_id
 
 
+class IncrementalDecoder:
+    """Turns ids into text piece by piece, holding back a character until its last byte arrives."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = decode(self.tokenizer, self.ids)
+        if text.endswith("\ufffd") or len(text) <= len(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+    def flush(self) -> str:
+        """Whatever the full decode shows beyond what was returned (a character that never completed)."""
+        text = decode(self.tokenizer, self.ids)
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+
 class Retriever:
     def __init__(self, tokenizer: Tokenizer, model: GPT):
         self.tokenizer, self.model = tokenizer, model
@@ -45,19 +66,16 @@ class Retriever:
                top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
         """Yield pieces of the continuation as they are generated; they join to the full continuation."""
         params = SamplingParams(temperature, top_k, top_p)
-        new_ids: list[int] = []
-        shown = ""
+        decoder = IncrementalDecoder(self.tokenizer)
         for token in self._tokens(prompt, 1, max_new_tokens, params, seed):
             if int(token[0]) == self.eot:
                 break
-            new_ids.append(int(token[0]))
-            text = decode(self.tokenizer, new_ids)
-            if not text.endswith("\ufffd") and len(text) > len(shown):
-                yield text[len(shown):]
-                shown = text
-        text = decode(self.tokenizer, new_ids)
-        if text != shown:  # a character that never completed: show what the full decode shows
-            yield text[len(shown):]
+            piece = decoder.push(int(token[0]))
+            if piece:
+                yield piece
+        rest = decoder.flush()
+        if rest:
+            yield rest
 
     def generate(self, text: str, temperature: float = 1.0, max_new_tokens: int = 100, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None) -> str:

@@ -6,6 +6,7 @@ is the exact inverse of encoding. Merges are learned from the training text only
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +32,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.encode_special_tokens = True  # text that spells "<|endoftext|>" stays text
     return tokenizer
 
 
@@ -68,9 +70,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.is_file():
         raise UsageError(f"tokenizer file {path} not found; the checkpoint folder is incomplete")
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception on malformed files
         raise UsageError(f"tokenizer file {path} cannot be read ({err}); re-create the checkpoint") from None
+    tokenizer.encode_special_tokens = True  # not stored in tokenizer.json
+    return tokenizer
 
 
 def tokenizer_info(tokenizer: Tokenizer) -> dict:
@@ -85,7 +89,5 @@ def tokenizer_info(tokenizer: Tokenizer) -> dict:
 
 
 def _fingerprint(tokenizer: Tokenizer) -> str:
-    import hashlib
-
     data = json.loads(tokenizer.to_str())
     return hashlib.sha256(json.dumps(data["model"], sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,30 @@
+"""Shared fixtures: the book comes from GPT_DATA_DIR (CI points it at ../shared/data)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if not os.environ.get("GPT_DATA_DIR") and SHARED_DATA.is_dir():
+    os.environ["GPT_DATA_DIR"] = str(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def alice_text() -> str:
+    from gpt.corpus import load_documents
+
+    return load_documents("alice")[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny model trained for 60 steps on Alice: a real checkpoint folder for the CLI and loaders."""
+    from gpt.config import preset
+    from gpt.train import train
+
+    model_config, train_config = preset("tiny")
+    train_config.max_steps, train_config.max_time = 60, None
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(model_config, train_config, out, show_progress=False)
+    return out

@@ -1,0 +1,145 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt.config import ModelConfig, UsageError
+from gpt.model import GPT, KVCache
+
+ARCHS = ["gpt1", "gpt2"]
+
+
+def tiny(arch: str = "gpt1", sequence_len: int = 16, seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=97, sequence_len=sequence_len, num_layers=2, embed_dim=32, num_heads=4,
+                 forward_expansion=4, dropout=0.0, pad_idx=0, arch=arch)
+    sizes.update(overrides)
+    return GPT(**sizes).eval()
+
+
+def test_seed_constructor_and_logit_shape():
+    model = GPT(vocab_size=100, sequence_len=128, num_layers=2, embed_dim=64, num_heads=4,
+                forward_expansion=4, dropout=0.1, pad_idx=0)
+    logits = model(torch.randint(0, 100, (3, 20)))
+    assert logits.shape == (3, 20, 100)
+
+
+def test_bad_shapes_are_usage_errors():
+    with pytest.raises(UsageError, match="divisible"):
+        GPT(vocab_size=10, embed_dim=30, num_heads=4)
+    with pytest.raises(UsageError, match="vocab_size"):
+        GPT()
+
+
+def test_embeddings_are_tied_and_initialised_small():
+    model = GPT(vocab_size=1000, sequence_len=64, num_layers=2, embed_dim=256, num_heads=4, dropout=0.0).eval()
+    x = torch.randint(0, 1000, (1, 8))
+    hidden = model.ln_f(model.blocks[1](model.blocks[0](model.token_embed(x) + model.position_embed.weight[:8],
+                                                        None, None), None, None))
+    torch.testing.assert_close(model(x), hidden @ model.token_embed.weight.T)  # no separate output matrix
+    assert abs(model.token_embed.weight.std().item() - 0.02) < 0.002
+    assert abs(model.blocks[0].mlp.fc.weight.std().item() - 0.02) < 0.002
+    assert model.blocks[0].mlp.fc.bias.abs().max().item() == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_layout(arch):
+    """gpt1: h = LN(x + attn(x)), out = LN(h + mlp(h)), no final LN; gpt2: pre-LN and a final LN."""
+    model = tiny(arch)
+    block = model.blocks[0]
+    x = torch.randn(2, 5, 32)
+    if arch == "gpt1":
+        h = block.ln_1(x + block.attn(x, None, None))
+        expected = block.ln_2(h + block.mlp(h))
+        assert isinstance(model.ln_f, torch.nn.Identity)
+    else:
+        h = x + block.attn(block.ln_1(x), None, None)
+        expected = h + block.mlp(block.ln_2(h))
+        assert isinstance(model.ln_f, torch.nn.LayerNorm)
+    torch.testing.assert_close(block(x, None, None), expected)
+    assert block.mlp.gelu.approximate == "tanh"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_is_causal(arch):
+    model = tiny(arch)
+    x = torch.randint(1, 97, (1, 12))
+    y = x.clone()
+    y[0, 7:] = (y[0, 7:] + 1) % 96 + 1
+    torch.testing.assert_close(model(x)[:, :7], model(y)[:, :7])
+    assert not torch.allclose(model(x)[:, 7:], model(y)[:, 7:])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padding_is_masked_on_keys(arch):
+    """A left-padded row gives the same logits on its real tokens as the row without padding."""
+    model = tiny(arch)
+    x = torch.randint(1, 97, (2, 9))
+    padded = torch.cat([torch.zeros(2, 4, dtype=torch.long), x], dim=1)
+    pad_mask = padded == 0
+    torch.testing.assert_close(model(padded, pad_mask)[:, 4:], model(x), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(model(padded, pad_mask)).all()  # pad queries attend to themselves, no NaN
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_cache_matches_full_forward(arch):
+    model = tiny(arch)
+    x = torch.randint(1, 97, (2, 14))
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    pieces = [model(x[:, a:b], None, cache) for a, b in [(0, 5), (5, 6), (6, 10), (10, 14)]]
+    assert (torch.cat(pieces, dim=1) - model(x)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generation_equals_stepwise_argmax_beyond_the_window(arch):
+    """Past sequence_len the context is cropped: compare with full forwards over the same crops."""
+    model = tiny(arch, sequence_len=8)
+    prompt = torch.randint(1, 97, (1, 5))
+    generated = model.generate(prompt, 20, temperature=0)
+    assert generated.shape == (1, 25)
+    assert torch.equal(generated[:, :5], prompt)
+    # replay with full forwards: when the window overflows, the context restarts from its last half
+    tokens, start = prompt, 0
+    for _ in range(20):
+        if tokens.size(1) - start > 8:
+            start = tokens.size(1) - 4
+        logits = model(tokens[:, start:])[:, -1]
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_long_prompt_is_cropped_not_an_error():
+    model = tiny(sequence_len=8)
+    out = model.generate(torch.randint(1, 97, (1, 30)), 3, temperature=0)
+    assert out.shape == (1, 33)
+
+
+def test_generate_zero_tokens_and_batch():
+    model = tiny()
+    prompt = torch.randint(1, 97, (3, 4))
+    assert torch.equal(model.generate(prompt, 0), prompt)
+    assert model.generate(prompt, 5, temperature=1.0, top_k=5, top_p=0.9).shape == (3, 9)
+
+
+def test_loss_ignores_padding_targets():
+    model = tiny()
+    x = torch.randint(1, 97, (2, 6))
+    y = torch.randint(1, 97, (2, 6))
+    y_padded = y.clone()
+    y_padded[:, 3:] = 0
+    logits = model(x)
+    expected = F.cross_entropy(logits[:, :3].flatten(0, 1), y[:, :3].flatten())
+    torch.testing.assert_close(model.loss(x, y_padded), expected)
+
+
+def test_initial_loss_is_near_uniform():
+    model = tiny()
+    x, y = torch.randint(1, 97, (2, 4, 16))
+    assert abs(model.loss(x, y).item() - math.log(97)) < 0.3
+
+
+def test_flops_per_token_counts_matmuls():
+    model = GPT(config=ModelConfig(vocab_size=100, sequence_len=10, num_layers=1, embed_dim=8, num_heads=2))
+    block = sum(p.numel() for p in model.blocks.parameters())
+    assert model.flops_per_token() == 6 * block + 6 * 8 * 100 + 12 * 1 * 8 * 10

@@ -1,0 +1,128 @@
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from gpt.checkpoint import load_training_state
+from gpt.config import TrainConfig, UsageError, preset
+from gpt.logs import read_metrics
+from gpt.train import learning_rate, run_progress, train
+
+
+def tiny_configs(steps: int):
+    model_config, train_config = preset("tiny")
+    train_config.max_steps, train_config.max_time = steps, None
+    train_config.eval_interval, train_config.log_interval = 20, 5
+    return model_config, train_config
+
+
+def losses(folder):
+    return [(r["step"], r["train_loss"]) for r in read_metrics(folder / "metrics.jsonl")]
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    config = TrainConfig(learning_rate=1.0, warmup_steps=10, max_steps=100, max_time=None, min_lr_ratio=0.1)
+    rates = [learning_rate(s, run_progress(s, 0.0, config), config) for s in range(100)]
+    assert rates[0] == pytest.approx(0.1 * (0.1 + 0.9 * 1.0))
+    assert max(rates) == rates[9] or max(rates) == rates[10]
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert learning_rate(100, 1.0, config) == pytest.approx(0.1)
+    timed = TrainConfig(max_time=60.0, max_steps=None)
+    assert run_progress(5, 30.0, timed) == 0.5
+
+
+def test_training_lowers_loss_and_keeps_the_best_checkpoint(tiny_run):
+    rows = read_metrics(tiny_run / "metrics.jsonl")
+    train_losses = [r["train_loss"] for r in rows]
+    assert train_losses[-1] < train_losses[0] - 1.0
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [50, 60]
+    assert all(k in rows[-1] for k in ("step", "train_loss", "val_loss", "tokens_seen", "lr"))
+    assert load_training_state(tiny_run)["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in val), abs=1e-6)
+
+
+def test_same_seed_same_losses_and_other_seed_differs(tmp_path):
+    runs = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        model_config, train_config = tiny_configs(30)
+        train_config.seed = seed
+        train(model_config, train_config, tmp_path / name, show_progress=False)
+        runs.append(losses(tmp_path / name))
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def interrupt_when(condition, timeout: float = 60.0) -> threading.Thread:
+    """Send this process SIGINT once condition() holds, as Ctrl-C would."""
+
+    def watch():
+        deadline = time.time() + timeout
+        while time.time() < deadline and not condition():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+    model_config, train_config = tiny_configs(60)
+    train(model_config, train_config, tmp_path / "whole", show_progress=False)
+    split = tmp_path / "split"
+    watcher = interrupt_when(lambda: len(read_metrics(split / "metrics.jsonl")) >= 3)
+    model_config, train_config = tiny_configs(60)
+    result = train(model_config, train_config, split, show_progress=False)
+    watcher.join()
+    assert result.interrupted_by == "SIGINT" and 0 < result.step < 60
+    model_config, train_config = tiny_configs(60)
+    train(model_config, train_config, split, resume=True, show_progress=False)
+    whole = dict(losses(tmp_path / "whole"))
+    resumed = [(step, loss) for step, loss in losses(split) if step > result.step]
+    assert resumed and resumed[-1][0] == 60
+    for step, loss in resumed:
+        assert math.isclose(loss, whole[step], abs_tol=1e-6), step
+
+
+def test_resume_refuses_another_model_shape(tmp_path):
+    model_config, train_config = tiny_configs(5)
+    train(model_config, train_config, tmp_path / "run", show_progress=False)
+    model_config, train_config = tiny_configs(10)
+    model_config.num_layers += 1
+    with pytest.raises(UsageError, match="differs"):
+        train(model_config, train_config, tmp_path / "run", resume=True, show_progress=False)
+
+
+def test_text_shorter_than_a_window(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Just a few words here.")
+    model_config, train_config = tiny_configs(5)
+    with pytest.raises(UsageError, match="fewer than one window"):
+        train(model_config, train_config, tmp_path / "run", data=str(short), show_progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_leaves_a_checkpoint_that_resume_continues(tmp_path, sig):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "gpt", "train", "--preset", "tiny", "--max-steps", "100000", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_metrics(out / "metrics.jsonl")) < 3:
+        time.sleep(0.2)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == (130 if sig == signal.SIGINT else 143), stderr
+    assert "Traceback" not in stderr and "gpt train --resume" in stderr
+    stopped_at = load_training_state(out)["step"]
+    assert stopped_at > 0 and read_metrics(out / "metrics.jsonl")[-1]["step"] == stopped_at
+    resumed = subprocess.run(command[:-4] + ["--max-steps", str(stopped_at + 10), "--out", str(out), "--resume"],
+                             capture_output=True, text=True, env=os.environ, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {stopped_at}" in resumed.stderr
+    assert load_training_state(out)["step"] == stopped_at + 10
