@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from gpt.checkpoint import (
     TOKENIZER_FILE,
@@ -27,7 +28,7 @@ from gpt.checkpoint import (
 )
 from gpt.config import ModelConfig, TrainConfig, UsageError
 from gpt.corpus import load_documents
-from gpt.dataset import WindowSampler, check_lengths, prepare_splits, split_documents
+from gpt.dataset import TokenSplits, WindowSampler, check_lengths, prepare_splits, split_documents
 from gpt.evaluate import Score, make_score, total_nats, unigram_score
 from gpt.logs import MetricsLog, Progress, plot_losses
 from gpt.model import GPT
@@ -65,7 +66,15 @@ def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2))
+    device = next(model.parameters()).device
+    # fused: one kernel for all tensors instead of several per tensor (CPU support arrived in torch 2.4)
+    fused = device.type == "cuda" or (device.type == "cpu" and torch_version() >= (2, 4))
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def run_progress(step: int, elapsed: float, config: TrainConfig) -> float:
@@ -114,6 +123,34 @@ def prepare_output(out: Path) -> None:
         raise UsageError(f"cannot write to {out} ({err.strerror}); pass a writable --out folder") from None
 
 
+def prepare_data(
+    model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool
+) -> tuple[Tokenizer, TokenSplits, dict | None, str | None]:
+    """Tokenizer (trained, or the run's own when resuming), token splits, saved state and data source.
+
+    Fills in the model's vocabulary size and padding id, which the tokenizer decides.
+    """
+    state = None
+    if resume:
+        info = read_config(out)
+        stored_model, _ = configs_from(info, out)
+        state = load_training_state(out)
+        tokenizer = load_tokenizer(out / TOKENIZER_FILE)
+        model_config.vocab_size, model_config.pad_idx = stored_model.vocab_size, stored_model.pad_idx
+        if model_config != stored_model:
+            raise UsageError(f"the model config differs from the checkpoint's in {out}; resume without changes "
+                             "to the model, or train into a new --out folder")
+        data = data or info["data"]
+    documents = load_documents(data)
+    if not resume:
+        train_docs = split_documents(documents, train_config.val_fraction)[0]
+        tokenizer = train_tokenizer(train_docs, train_config.tokenizer_vocab_size)
+        model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), special_id(tokenizer, PAD)
+    splits = prepare_splits(documents, tokenizer, train_config.val_fraction, out / "data")
+    check_lengths(splits, model_config.sequence_len)
+    return tokenizer, splits, state, data
+
+
 def train(
     model_config: ModelConfig, train_config: TrainConfig, out: str | Path, data: str | None = None,
     resume: bool = False, show_progress: bool = True,
@@ -123,25 +160,7 @@ def train(
     train_config.validate()
     model_config.validate()
     prepare_output(out)
-    state = None
-    if resume:
-        stored_model, _ = configs_from(read_config(out), out)
-        state = load_training_state(out)
-        tokenizer = load_tokenizer(out / TOKENIZER_FILE)
-        model_config.vocab_size = stored_model.vocab_size
-        model_config.pad_idx = stored_model.pad_idx
-        if model_config != stored_model:
-            raise UsageError(f"the model config differs from the checkpoint's in {out}; resume without changes "
-                             "to the model, or train into a new --out folder")
-        data = data or read_config(out)["data"]
-    documents = load_documents(data)
-    if not resume:
-        train_docs = split_documents(documents, train_config.val_fraction)[0]
-        tokenizer = train_tokenizer(train_docs, train_config.tokenizer_vocab_size)
-        model_config.vocab_size = tokenizer.get_vocab_size()
-        model_config.pad_idx = special_id(tokenizer, PAD)
-    splits = prepare_splits(documents, tokenizer, train_config.val_fraction, out / "data")
-    check_lengths(splits, model_config.sequence_len)
+    tokenizer, splits, state, data = prepare_data(model_config, train_config, out, data, resume)
     eot = special_id(tokenizer, EOT)
 
     device = choose_device(train_config.device)
@@ -164,6 +183,9 @@ def train(
         f"{len(splits.val):,} validation tokens | device {device}"
         f"{' bf16' if low_precision else ''} | a unigram model scores val loss {unigram.loss:.3f} "
         f"({unigram.bits_per_char:.3f} bits/char)", file=sys.stderr)
+    if resume and run_progress(step, elapsed, train_config) >= 1.0:
+        raise UsageError(f"the run in {out} already reached its limit (step {step}, {elapsed:.0f}s); pass a larger "
+                         "--max-steps or --max-time to train further")
     if resume:
         say(f"resuming at step {step} ({elapsed:.0f}s already trained)", file=sys.stderr)
 

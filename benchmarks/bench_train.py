@@ -1,0 +1,418 @@
+"""Training-step speed: our GPT against transformers' OpenAI-GPT and GPT-2 classes, same shapes, same CPU.
+
+    pip install -e '.[bench]'          # or: pip install transformers
+    python benchmarks/bench_train.py [--sizes S,M] [--precisions fp32,bf16] [--rounds N] [--steps-per-round K]
+                                     [--warmup W] [--json OUT.json]
+
+What it measures: for each size and precision, full training steps of three models built from configs (no
+downloads): our `gpt.model.GPT` (arch "gpt1"), `OpenAIGPTLMHeadModel` and `GPT2LMHeadModel`, all with the
+same vocabulary, context, layers, heads, width, 4x MLP, no dropout and layer-norm epsilon 1e-5. One step is:
+forward on T tokens, cross-entropy on T next-token targets (logits cast to fp32), backward, gradient clipping
+at 1.0, AdamW step, zero_grad. Ours uses `model.loss` and `gpt.train.make_optimizer`; the transformers models
+use `model(input_ids=x).logits` + `F.cross_entropy` (not `labels=`, which shifts and would score T-1 targets)
+and a `torch.optim.AdamW` with the same learning rate, betas, eps, weight-decay split and fused flag.
+
+bf16 runs the same fp32 models under `torch.autocast("cpu", dtype=torch.bfloat16)`. Without avx512_bf16 or
+AMX the CPU emulates bf16 matmuls, so expect it to be slower than fp32 there; the numbers are printed as
+measured.
+
+The models are interleaved in one process (round-robin, a few steps each, several rounds, starting with a
+different model each round) so background load hits all of them alike; warm-up steps are not timed. The
+table gives the median tokens/s over the timed steps, our speed over each model's, and the FLOP utilisation:
+`GPT.flops_per_token()` x tokens/s over an assumed peak of cores x FLOP/cycle x clock (the same FLOP count is
+used for all three models, whose matmul shapes are identical). Threads are left at torch's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt.config import ModelConfig, TrainConfig
+from gpt.model import GPT
+from gpt.train import make_optimizer
+
+try:
+    import transformers
+except ImportError:  # pragma: no cover - depends on the environment
+    raise SystemExit("bench_train.py needs HuggingFace transformers: pip install -e '.[bench]'") from None
+
+PRECISIONS = ("fp32", "bf16")
+OURS = "ours: gpt.GPT (gpt1)"
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Size:
+    layers: int
+    heads: int
+    width: int
+    block: int
+    batch: int
+    vocab: int
+    rounds: int  # defaults for --rounds / --steps-per-round / --warmup, sized for a 2-core CPU
+    steps: int
+    warmup: int
+
+
+SIZES = {
+    "S": Size(layers=4, heads=4, width=128, block=64, batch=12, vocab=2048, rounds=5, steps=8, warmup=3),
+    "M": Size(layers=6, heads=6, width=384, block=256, batch=8, vocab=4096, rounds=3, steps=3, warmup=1),
+}
+
+
+@dataclass
+class Contender:
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    attention: str
+
+
+@dataclass
+class Row:
+    size: str
+    precision: str
+    model: str
+    attention: str
+    tokens_per_step: int
+    step_seconds: list[float]
+    tokens_per_s: float
+    ratio: float  # ours / this model (1.0 for ours)
+    mfu: float | None
+
+
+# ---------------------------------------------------------------- models
+
+
+def build_ours(size: Size) -> Contender:
+    config = ModelConfig(vocab_size=size.vocab, sequence_len=size.block, num_layers=size.layers,
+                         embed_dim=size.width, num_heads=size.heads, forward_expansion=4, dropout=0.0, arch="gpt1")
+    model = GPT(config=config)
+    return Contender(OURS, model, make_optimizer(model, TrainConfig()), model.loss, "F.scaled_dot_product_attention")
+
+
+def hf_config(kind: str, size: Size) -> transformers.PretrainedConfig:
+    common = dict(vocab_size=size.vocab, n_positions=size.block, n_embd=size.width, n_layer=size.layers,
+                  n_head=size.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5)
+    if kind == "gpt2":
+        return transformers.GPT2Config(**common, n_inner=4 * size.width, activation_function="gelu_new",
+                                       use_cache=False, bos_token_id=None, eos_token_id=None)
+    return transformers.OpenAIGPTConfig(**common, afn="gelu")  # its MLP is always 4 x n_embd
+
+
+def build_hf_model(kind: str, size: Size) -> tuple[nn.Module, str]:
+    """Ask for sdpa attention; if the class refuses it, fall back to eager and say why."""
+    cls = transformers.GPT2LMHeadModel if kind == "gpt2" else transformers.OpenAIGPTLMHeadModel
+    try:  # a fresh config each try: a refused attempt can leave its choice written in the config
+        model = cls._from_config(hf_config(kind, size), attn_implementation="sdpa")
+        note = ""
+    except (ValueError, ImportError) as err:
+        model = cls._from_config(hf_config(kind, size), attn_implementation="eager")
+        note = f" (sdpa refused: {str(err).split('. ')[0]})"
+    return model, f"{model.config._attn_implementation}{note}"
+
+
+def mirror_optimizer(model: nn.Module, reference: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with make_optimizer's settings: decay on >= 2-D tensors only; lr, betas, eps, fused as ours."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}]
+    d = reference.defaults
+    return torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], fused=d.get("fused"))
+
+
+def logits_loss(model: nn.Module) -> LossFn:
+    """T tokens in, T targets scored: the same work as our model.loss (labels= would shift to T-1 targets)."""
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=x).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    return loss
+
+
+def build_contenders(size: Size) -> list[Contender]:
+    torch.manual_seed(0)
+    ours = build_ours(size)
+    contenders = [ours]
+    for kind, name in (("openai", "transformers OpenAIGPTLMHeadModel"), ("gpt2", "transformers GPT2LMHeadModel")):
+        model, attention = build_hf_model(kind, size)
+        optimizer = mirror_optimizer(model, ours.optimizer, TrainConfig())
+        contenders.append(Contender(name, model, optimizer, logits_loss(model), attention))
+    for c in contenders:
+        c.model.train()
+    return contenders
+
+
+# ---------------------------------------------------------------- timing
+
+
+def make_batches(size: Size, count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        tokens = torch.randint(0, size.vocab, (size.batch, size.block + 1), generator=generator)
+        batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    return batches
+
+
+def precision_context(precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(c: Contender, x: torch.Tensor, y: torch.Tensor, precision: str) -> float:
+    """One full training step; returns its wall-clock seconds."""
+    start = time.perf_counter()
+    with precision_context(precision):
+        loss = c.loss_fn(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(c.model.parameters(), 1.0)
+    c.optimizer.step()
+    c.optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def round_robin(contenders: list[Contender], rounds: int) -> Iterator[list[Contender]]:
+    """Each round starts with the next model, so none is always first after another's turn."""
+    for r in range(rounds):
+        shift = r % len(contenders)
+        yield contenders[shift:] + contenders[:shift]
+
+
+def time_precision(contenders: list[Contender], batches: list, precision: str,
+                   rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    for c in contenders:
+        for i in range(warmup):
+            train_step(c, *batches[i % len(batches)], precision)
+    seconds: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for r, order in enumerate(round_robin(contenders, rounds)):
+        for c in order:
+            for s in range(steps):
+                seconds[c.name].append(train_step(c, *batches[(r * steps + s) % len(batches)], precision))
+    return seconds
+
+
+@torch.no_grad()
+def initial_losses(contenders: list[Contender], x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Loss of the freshly initialised models: all should be close to ln(vocab)."""
+    return {c.name: float(c.loss_fn(x, y)) for c in contenders}
+
+
+# ---------------------------------------------------------------- machine
+
+
+def read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def lscpu() -> str:
+    try:
+        return subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def cpu_model(cpuinfo: str, lscpu_text: str) -> str:
+    for text, key in ((cpuinfo, "model name"), (lscpu_text, "Model name")):
+        match = re.search(rf"^{key}\s*:\s*(.+)$", text, re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_mhz(cpuinfo: str, lscpu_text: str) -> tuple[float | None, str]:
+    """The highest clock reported, and where it came from."""
+    values = [float(v) for v in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.MULTILINE)]
+    if values:
+        return max(values), "/proc/cpuinfo 'cpu MHz', max over cores"
+    for key in ("CPU max MHz", "CPU MHz"):
+        match = re.search(rf"^{key}:\s*([\d.]+)", lscpu_text, re.MULTILINE)
+        if match:
+            return float(match.group(1)), f"lscpu '{key}'"
+    return None, "not found"
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    match = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    return set(match.group(1).split()) if match else set()
+
+
+def machine_info(flops_per_cycle: int) -> dict:
+    cpuinfo, lscpu_text = read_cpuinfo(), lscpu()
+    mhz, mhz_source = cpu_mhz(cpuinfo, lscpu_text)
+    flags = cpu_flags(cpuinfo)
+    threads = torch.get_num_threads()
+    cores = min(threads, os.cpu_count() or threads)
+    peak = cores * flops_per_cycle * mhz * 1e6 if mhz else None
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": cpu_model(cpuinfo, lscpu_text),
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
+        "cpu_mhz": mhz,
+        "cpu_mhz_source": mhz_source,
+        "flops_per_cycle_per_core": flops_per_cycle,
+        "peak_fp32_flops": peak,
+        "flags": {f: f in flags for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")},
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def make_rows(size_name: str, precision: str, contenders: list[Contender], seconds: dict[str, list[float]],
+              tokens: int, flops_per_token: float, peak: float | None) -> list[Row]:
+    speed = {name: tokens / statistics.median(s) for name, s in seconds.items()}
+    rows = []
+    for c in contenders:
+        mfu = flops_per_token * speed[c.name] / peak if peak else None
+        rows.append(Row(size_name, precision, c.name, c.attention, tokens, seconds[c.name], speed[c.name],
+                        speed[OURS] / speed[c.name], mfu))
+    return rows
+
+
+def header(info: dict) -> list[str]:
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in info["flags"].items())
+    mhz = f"{info['cpu_mhz']:.0f} MHz ({info['cpu_mhz_source']})" if info["cpu_mhz"] else "clock unknown"
+    peak = f"{info['peak_fp32_flops'] / 1e9:.1f} GFLOP/s" if info["peak_fp32_flops"] else "unknown (no clock)"
+    return [
+        f"torch {info['torch']}, transformers {info['transformers']}, {info['date']}, CPU {info['cpu']}, "
+        f"torch threads {info['torch_threads']} (default, not set)",
+        f"CPU flags: {flags}",
+        f"peak fp32 assumed: {min(info['torch_threads'], info['cpu_count'] or 1)} cores x "
+        f"{info['flops_per_cycle_per_core']} FLOP/cycle (AVX2: 2 FMA units x 8 floats x 2) x {mhz} = {peak}",
+    ]
+
+
+def size_lines(size_name: str, size: Size, contenders: list[Contender], losses: dict[str, float],
+               flops_per_token: float) -> list[str]:
+    lines = [f"size {size_name}: {size.layers} layers, {size.heads} heads, {size.width} wide, block {size.block}, "
+             f"batch {size.batch}, vocab {size.vocab}; {flops_per_token / 1e6:.2f} MFLOP per token (training)"]
+    for c in contenders:
+        lines.append(f"  {c.name}: attention {c.attention}; initial loss {losses[c.name]:.3f} "
+                     f"(ln vocab = {math.log(size.vocab):.3f})")
+    return lines
+
+
+def table(rows: list[Row]) -> list[str]:
+    lines = ["| size | precision | model | tokens/s (median) | step s (min-max) | ours ÷ this | MFU |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
+        span = f"{min(r.step_seconds):.3f}-{max(r.step_seconds):.3f}"
+        lines.append(f"| {r.size} | {r.precision} | {r.model} | {r.tokens_per_s:,.0f} | {span} | {r.ratio:.2f} "
+                     f"| {mfu} |")
+    return lines
+
+
+def summary(rows: list[Row]) -> list[str]:
+    lines = []
+    for key in dict.fromkeys((r.size, r.precision) for r in rows):
+        group = [r for r in rows if (r.size, r.precision) == key]
+        ours = next(r for r in group if r.model == OURS)
+        best = max((r for r in group if r.model != OURS), key=lambda r: r.tokens_per_s)
+        lines.append(f"{key[0]} {key[1]}: ours {ours.tokens_per_s:,.0f} tok/s = {best.ratio:.2f}x the faster "
+                     f"transformers class ({best.model}, {best.tokens_per_s:,.0f} tok/s)")
+    return lines
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in items if t not in allowed]
+    if unknown or not items:
+        raise argparse.ArgumentTypeError(f"{what} must be a comma list of {', '.join(allowed)}, got {text!r}")
+    return items
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="S,M", type=lambda t: parse_list(t, tuple(SIZES), "--sizes"))
+    parser.add_argument("--precisions", default="fp32,bf16", type=lambda t: parse_list(t, PRECISIONS, "--precisions"))
+    parser.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default: S 5, M 3)")
+    parser.add_argument("--steps-per-round", type=int, default=None, help="timed steps per model per round "
+                        "(default: S 8, M 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per model before each precision "
+                        "(default: S 3, M 1)")
+    parser.add_argument("--flops-per-cycle", type=int, default=32, help="per core, for the peak (AVX2 fp32: 32)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    for name in ("rounds", "steps_per_round"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error("--warmup must be zero or more")
+    return args
+
+
+def bench_size(size_name: str, args: argparse.Namespace, peak: float | None) -> tuple[list[Row], list[str]]:
+    size = SIZES[size_name]
+    rounds, steps = args.rounds or size.rounds, args.steps_per_round or size.steps
+    warmup = size.warmup if args.warmup is None else args.warmup
+    contenders = build_contenders(size)
+    batches = make_batches(size, count=max(4, warmup))
+    flops_per_token = contenders[0].model.flops_per_token()
+    lines = size_lines(size_name, size, contenders, initial_losses(contenders, *batches[0]), flops_per_token)
+    lines.append(f"  {rounds} rounds x {steps} steps per model, {warmup} warm-up steps per model untimed")
+    print("\n".join(lines), flush=True)
+    rows: list[Row] = []
+    for precision in args.precisions:
+        seconds = time_precision(contenders, batches, precision, rounds, steps, warmup)
+        rows += make_rows(size_name, precision, contenders, seconds, size.batch * size.block, flops_per_token, peak)
+        print(f"  {precision} done", flush=True)
+    return rows, lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    info = machine_info(args.flops_per_cycle)
+    print("\n".join(header(info)), flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after minutes of timing
+    rows: list[Row] = []
+    notes: list[str] = []
+    for size_name in args.sizes:
+        size_rows, size_notes = bench_size(size_name, args, info["peak_fp32_flops"])
+        rows += size_rows
+        notes += size_notes
+    print()
+    print("\n".join(header(info) + [""] + table(rows) + [""] + summary(rows)))
+    print("loss: ours model.loss; transformers model(input_ids=x).logits + F.cross_entropy on T targets. "
+          "MFU uses gpt.GPT.flops_per_token() for all three (identical matmul shapes).")
+    if args.json is not None:
+        payload = {"machine": info, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "notes": notes, "rows": [asdict(r) for r in rows]}
+        args.json.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
