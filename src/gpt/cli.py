@@ -73,9 +73,9 @@ def train_configs(args: argparse.Namespace):
         train_config.max_steps = args.max_steps
     elif args.max_steps is not None:
         train_config.max_steps, train_config.max_time = args.max_steps, None
-    for flag, field in (("eval_interval", "eval_interval"), ("seed", "seed"), ("dtype", "dtype")):
-        if getattr(args, flag) is not None:
-            setattr(train_config, field, getattr(args, flag))
+    for name in ("eval_interval", "seed", "dtype"):
+        if getattr(args, name) is not None:
+            setattr(train_config, name, getattr(args, name))
     train_config.device = args.device
     return model_config, train_config
 
