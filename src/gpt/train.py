@@ -19,7 +19,9 @@ from tokenizers import Tokenizer
 
 from gpt.checkpoint import (
     TOKENIZER_FILE,
+    Checkpoint,
     configs_from,
+    load_checkpoint,
     load_training_state,
     read_config,
     save_config,
@@ -123,10 +125,32 @@ def prepare_output(out: Path) -> None:
         raise UsageError(f"cannot write to {out} ({err.strerror}); pass a writable --out folder") from None
 
 
+def load_initial(init_from: str | Path, model_config: ModelConfig, out: Path, resume: bool) -> Checkpoint:
+    """The checkpoint a fine-tuning run starts from; its model shape must be the one asked for.
+
+    Only dropout may differ: it changes training, not the shape of the weights.
+    """
+    if resume:
+        raise UsageError("--init-from starts a new run and --resume continues one; pass only one of them")
+    if out.resolve() == Path(init_from).resolve():
+        raise UsageError(f"--out {out} is the --init-from checkpoint; train into a new --out folder")
+    initial = load_checkpoint(init_from)
+    stored = initial.model_config
+    model_config.vocab_size, model_config.pad_idx = stored.vocab_size, stored.pad_idx  # the tokenizer's
+    differs = [f"{name} {getattr(model_config, name)} vs {getattr(stored, name)}" for name in
+               ("sequence_len", "num_layers", "embed_dim", "num_heads", "forward_expansion", "arch")
+               if getattr(model_config, name) != getattr(stored, name)]
+    if differs:
+        raise UsageError(f"the model shape differs from the --init-from checkpoint's ({', '.join(differs)}); "
+                         "drop --preset/--config model changes to fine-tune it as it is")
+    return initial
+
+
 def prepare_data(
-    model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool
+    model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool,
+    tokenizer: Tokenizer | None = None,
 ) -> tuple[Tokenizer, TokenSplits, dict | None, str | None]:
-    """Tokenizer (trained, or the run's own when resuming), token splits, saved state and data source.
+    """Tokenizer (trained, the run's own when resuming, or the given one), token splits, saved state and source.
 
     Fills in the model's vocabulary size and padding id, which the tokenizer decides.
     """
@@ -142,7 +166,7 @@ def prepare_data(
                              "to the model, or train into a new --out folder")
         data = data or info["data"]
     documents = load_documents(data)
-    if not resume:
+    if not resume and tokenizer is None:
         train_docs = split_documents(documents, train_config.val_fraction)[0]
         tokenizer = train_tokenizer(train_docs, train_config.tokenizer_vocab_size)
         model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), special_id(tokenizer, PAD)
@@ -153,14 +177,22 @@ def prepare_data(
 
 def train(
     model_config: ModelConfig, train_config: TrainConfig, out: str | Path, data: str | None = None,
-    resume: bool = False, show_progress: bool = True,
+    resume: bool = False, show_progress: bool = True, init_from: str | Path | None = None,
 ) -> RunResult:
-    """Train from scratch (or resume the run in `out`) and keep its checkpoint in `out`."""
+    """Train from scratch (or resume the run in `out`) and keep its checkpoint in `out`.
+
+    `init_from` fine-tunes: the weights, model config and tokenizer of that checkpoint, trained on `data`
+    with a fresh optimizer and schedule.
+    """
     out = Path(out)
     train_config.validate()
     model_config.validate()
+    initial = None if init_from is None else load_initial(init_from, model_config, out, resume)
+    if initial is not None:
+        train_config.tokenizer_vocab_size = initial.tokenizer.get_vocab_size()
     prepare_output(out)
-    tokenizer, splits, state, data = prepare_data(model_config, train_config, out, data, resume)
+    tokenizer, splits, state, data = prepare_data(model_config, train_config, out, data, resume,
+                                                  initial.tokenizer if initial else None)
     eot = special_id(tokenizer, EOT)
 
     device = choose_device(train_config.device)
@@ -175,7 +207,11 @@ def train(
         step, elapsed, best_val = state["step"], state["elapsed"], state["best_val_loss"]
         torch.set_rng_state(state["rng"])
     else:
-        save_config(out, model_config, train_config, tokenizer, str(Path(data).resolve()) if data else "alice")
+        if initial is not None:
+            model.load_state_dict(initial.model.state_dict())
+        source = {"init_from": str(Path(init_from).resolve())} if initial is not None else None
+        save_config(out, model_config, train_config, tokenizer, str(Path(data).resolve()) if data else "alice",
+                    extra=source)
 
     say = print if show_progress else (lambda *a, **k: None)
     unigram = unigram_score(splits.train, splits.val, splits.val_text, eot, model_config.vocab_size)
