@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 transformers = pytest.importorskip("transformers")
@@ -175,6 +175,19 @@ def test_negative_controls(random_hf, tmp_path, break_it):
     else:  # the final LayerNorm left out
         model.transformer.ln_f = nn.Identity()
     assert max_diff(ours.model, model, random_ids(config.vocab_size, 64)) > 10 * TOLERANCE
+
+
+def test_import_reads_the_gpt2_hub_layout(tiny_run, tmp_path):
+    """GPT-2's own files name weights without `transformer.` and still carry the old causal-mask buffers."""
+    source = save_random_hf(tmp_path / "hf", "gpt2", load_tokenizer(tiny_run / "tokenizer.json"))
+    weights = {k.removeprefix("transformer."): v for k, v in load_file(source / "model.safetensors").items()}
+    for i in range(2):
+        weights[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+        weights[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
+    ours = load_checkpoint(import_checkpoint(source, tmp_path / "imported"))
+    assert torch.equal(ours.model.blocks[1].mlp.fc.weight, weights["h.1.mlp.c_fc.weight"].t())
+    assert max_diff(ours.model, hf_model(source), random_ids(ours.model_config.vocab_size, 64)) <= TOLERANCE
 
 
 def test_round_trip_gives_bit_identical_weights(trained, tmp_path):

@@ -196,11 +196,17 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
 
 def load_hf_model(hf_dir: Path, transformers):
     """The transformers model in float32, refusing files with missing or unknown weights."""
+    bars = transformers.utils.logging
+    was_showing = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()  # a bar for loading a file is noise in a one-shot command
     try:
         model, report = transformers.AutoModelForCausalLM.from_pretrained(
             hf_dir, local_files_only=True, dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise UsageError(f"transformers cannot load the model in {hf_dir} ({first_line(err)})") from None
+    finally:
+        if was_showing:
+            bars.enable_progress_bar()
     unexpected = [k for k in report.get("unexpected_keys", []) if not k.endswith(OLD_MASK_BUFFERS)]
     missing = list(report.get("missing_keys", []))
     if missing or unexpected or report.get("mismatched_keys"):
