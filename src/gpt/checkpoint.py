@@ -58,8 +58,10 @@ def write_text(path: Path, text: str) -> None:
 
 
 def save_config(
-    folder: Path, model_config: ModelConfig, train_config: TrainConfig, tokenizer: Tokenizer, data: str
+    folder: Path, model_config: ModelConfig, train_config: TrainConfig, tokenizer: Tokenizer, data: str,
+    extra: dict | None = None,
 ) -> None:
+    """`extra` records where the weights came from (e.g. imported_from, init_from)."""
     info = {
         "format_version": FORMAT_VERSION,
         "model": dataclasses.asdict(model_config),
@@ -67,6 +69,7 @@ def save_config(
         "tokenizer": tokenizer_info(tokenizer),
         "data": data,
         "versions": {"wonderland-gpt": package_version(), "torch": torch.__version__},
+        **(extra or {}),
     }
     write_text(folder / CONFIG_FILE, json.dumps(info, indent=2) + "\n")
     write_text(folder / TOKENIZER_FILE, tokenizer.to_str(pretty=True))

@@ -38,6 +38,7 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     train.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (gradient accumulation)")
     train.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters and optimizer state")
+    train.add_argument("--init-from", help="fine-tune: start from this checkpoint's weights, model and tokenizer")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device(train)
 
@@ -70,13 +71,24 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: context / 2)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     add_device(evaluate)
+
+    export = commands.add_parser("export", help="write a transformers folder (weights, config, tokenizer, card)")
+    export.add_argument("--checkpoint", required=True, help="a folder written by gpt train or gpt import")
+    export.add_argument("--out", required=True, help="the transformers folder to write")
+    imports = commands.add_parser("import", help="turn a transformers GPT-2 / OpenAI-GPT folder into a checkpoint")
+    imports.add_argument("--from", dest="source", required=True, help="a transformers model folder")
+    imports.add_argument("--out", required=True, help="the checkpoint folder to write")
     return parser
 
 
 def train_configs(args: argparse.Namespace):
     from gpt.checkpoint import configs_from, read_config
 
+    if args.resume and args.init_from:
+        raise UsageError("--init-from starts a new run and --resume continues one; pass only one of them")
     model_config, train_config = preset(args.preset or DEFAULT_PRESET)
+    if args.init_from and not args.preset:  # fine-tune the model as it is; a different shape is refused by train()
+        model_config = configs_from(read_config(Path(args.init_from)), Path(args.init_from))[0]
     if args.config:
         apply_overrides(model_config, train_config, load_toml(args.config))
     if args.resume:  # the saved configuration wins; a different model is refused by train()
@@ -102,7 +114,7 @@ def run_train(args: argparse.Namespace) -> int:
     args.out = args.out or f"runs/{args.preset or DEFAULT_PRESET}"
     model_config, train_config = train_configs(args)
     result = train(model_config, train_config, args.out, data=args.data, resume=args.resume,
-                   show_progress=not args.quiet)
+                   show_progress=not args.quiet, init_from=args.init_from)
     return {"SIGINT": 130, "SIGTERM": 143}.get(result.interrupted_by, 0)
 
 
@@ -207,13 +219,30 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from gpt.hf import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from gpt.hf import import_checkpoint
+
+    out = import_checkpoint(args.source, args.out)
+    print(f"wrote {out}: try gpt generate --checkpoint {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        return {"train": run_train, "generate": run_generate, "eval": run_eval,
-                "prepare": run_prepare}[args.command](args)
+        commands = {"train": run_train, "generate": run_generate, "eval": run_eval, "prepare": run_prepare,
+                    "export": run_export, "import": run_import}
+        return commands[args.command](args)
     except UsageError as err:
         if debug:
             raise

@@ -102,7 +102,7 @@ def tokenizer_info(tokenizer: Tokenizer) -> dict:
     return {
         "type": "byte-level BPE",
         "vocab_size": tokenizer.get_vocab_size(),
-        "pad_id": special_id(tokenizer, PAD),
+        "pad_id": tokenizer.token_to_id(PAD),  # None for an imported GPT-2 tokenizer
         "eot_id": special_id(tokenizer, EOT),
         "sha256_of_json": _fingerprint(tokenizer),
     }

@@ -21,7 +21,9 @@ from tokenizers import Tokenizer
 from gpt import distributed
 from gpt.checkpoint import (
     TOKENIZER_FILE,
+    Checkpoint,
     configs_from,
+    load_checkpoint,
     load_training_state,
     read_config,
     save_config,
@@ -130,10 +132,32 @@ def prepare_output(out: Path) -> None:
         raise UsageError(f"cannot write to {out} ({err.strerror}); pass a writable --out folder") from None
 
 
+def load_initial(init_from: str | Path, model_config: ModelConfig, out: Path, resume: bool) -> Checkpoint:
+    """The checkpoint a fine-tuning run starts from; its model shape must be the one asked for.
+
+    Only dropout may differ: it changes training, not the shape of the weights.
+    """
+    if resume:
+        raise UsageError("--init-from starts a new run and --resume continues one; pass only one of them")
+    if out.resolve() == Path(init_from).resolve():
+        raise UsageError(f"--out {out} is the --init-from checkpoint; train into a new --out folder")
+    initial = load_checkpoint(init_from)
+    stored = initial.model_config
+    model_config.vocab_size, model_config.pad_idx = stored.vocab_size, stored.pad_idx  # the tokenizer's
+    differs = [f"{name} {getattr(model_config, name)} vs {getattr(stored, name)}" for name in
+               ("sequence_len", "num_layers", "embed_dim", "num_heads", "forward_expansion", "arch")
+               if getattr(model_config, name) != getattr(stored, name)]
+    if differs:
+        raise UsageError(f"the model shape differs from the --init-from checkpoint's ({', '.join(differs)}); "
+                         "drop --preset/--config model changes to fine-tune it as it is")
+    return initial
+
+
 def prepare_data(
-    model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool
+    model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool,
+    tokenizer: Tokenizer | None = None,
 ) -> tuple[Tokenizer, TokenSplits, dict | None, str | None]:
-    """Tokenizer (trained, or the run's own when resuming), token splits, saved state and data source.
+    """Tokenizer (trained, the run's own when resuming, or the given one), token splits, saved state and source.
 
     Fills in the model's vocabulary size and padding id, which the tokenizer decides.
     """
@@ -150,18 +174,19 @@ def prepare_data(
         data = data or info["data"]
     if is_prepared(data):  # shards from gpt prepare: their tokenizer, read in place
         prepared_tokenizer, splits, _ = load_prepared(data)
-        if resume and prepared_tokenizer.to_str() != tokenizer.to_str():
-            raise UsageError(f"{data} was tokenized with another tokenizer than the run in {out}; resume on the "
-                             "data the run started with")
+        if tokenizer is not None and prepared_tokenizer.to_str() != tokenizer.to_str():
+            owner = f"the run in {out}" if resume else "the --init-from checkpoint"
+            raise UsageError(f"{data} was tokenized with another tokenizer than {owner}; prepare the data with "
+                             "gpt prepare --tokenizer CHECKPOINT/tokenizer.json")
         tokenizer = prepared_tokenizer
     else:
         documents = load_documents(data)
-        if not resume:
+        if tokenizer is None:
             train_docs = split_documents(documents, train_config.val_fraction)[0]
             tokenizer = train_tokenizer(train_docs, train_config.tokenizer_vocab_size)
         splits = prepare_splits(documents, tokenizer, train_config.val_fraction, out / "data")
     if not resume:
-        model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), special_id(tokenizer, PAD)
+        model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), tokenizer.token_to_id(PAD)
     check_lengths(splits, model_config.sequence_len)
     return tokenizer, splits, state, data
 
@@ -169,7 +194,7 @@ def prepare_data(
 def read_prepared(out: Path, data: str | None, model_config: ModelConfig) -> tuple[Tokenizer, TokenSplits]:
     """What rank 0 prepared, as the other ranks of a torchrun job read it (the token files, not the text)."""
     tokenizer = load_tokenizer(out / TOKENIZER_FILE)
-    model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), special_id(tokenizer, PAD)
+    model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), tokenizer.token_to_id(PAD)
     data = data or read_config(out)["data"]
     if is_prepared(data):
         return tokenizer, load_prepared(data)[1]
@@ -186,31 +211,42 @@ def micro_seed(seed: int, step: int, micro_batch: int) -> int:
 
 def train(
     model_config: ModelConfig, train_config: TrainConfig, out: str | Path, data: str | None = None,
-    resume: bool = False, show_progress: bool = True,
+    resume: bool = False, show_progress: bool = True, init_from: str | Path | None = None,
 ) -> RunResult:
     """Train from scratch (or resume the run in `out`) and keep its checkpoint in `out`.
 
     Under torchrun, every process calls this; rank 0 prepares the data, logs and saves.
+
+    `init_from` fine-tunes: the weights, model config and tokenizer of that checkpoint, trained on `data`
+    with a fresh optimizer and schedule.
     """
     out = Path(out)
     train_config.validate()
     model_config.validate()
+    initial = None if init_from is None else load_initial(init_from, model_config, out, resume)
+    if initial is not None:
+        train_config.tokenizer_vocab_size = initial.tokenizer.get_vocab_size()
     world, device = distributed.start(choose_device(train_config.device), train_config.fsdp)
     try:
-        return _train(model_config, train_config, out, data, resume, show_progress and world.is_main, world, device)
+        return _train(model_config, train_config, out, data, resume, show_progress and world.is_main, world, device,
+                      initial, init_from)
     finally:
         distributed.stop(world)
 
 
 def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool,
-           show_progress: bool, world: distributed.World, device: torch.device) -> RunResult:
+           show_progress: bool, world: distributed.World, device: torch.device,
+           initial: Checkpoint | None, init_from: str | Path | None) -> RunResult:
     failure = None
     if world.is_main:
         try:
             prepare_output(out)
-            tokenizer, splits, state, data = prepare_data(model_config, train_config, out, data, resume)
+            tokenizer, splits, state, data = prepare_data(model_config, train_config, out, data, resume,
+                                                          initial.tokenizer if initial else None)
             if not resume:
-                save_config(out, model_config, train_config, tokenizer, str(Path(data).resolve()) if data else "alice")
+                source = {"init_from": str(Path(init_from).resolve())} if init_from is not None else None
+                save_config(out, model_config, train_config, tokenizer, str(Path(data).resolve()) if data else "alice",
+                            extra=source)
         except UsageError as err:
             failure = str(err)
     failure = distributed.share(failure, world)  # also the barrier: the data is ready when this returns
@@ -232,6 +268,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         step, elapsed, best_val = state["step"], state["elapsed"], state["best_val_loss"]
         windows_seen = state.get("windows_seen", step * train_config.batch_size)
         torch.set_rng_state(state["rng"])
+    elif initial is not None:
+        model.load_state_dict(initial.model.state_dict())
 
     micro, accum = train_config.batch_size, train_config.grad_accum
     global_batch = micro * accum * world.size
