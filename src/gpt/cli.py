@@ -66,6 +66,8 @@ def build_parser() -> ArgumentParser:
     serve.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     serve.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     serve.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt accepted, in tokens")
+    serve.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice; 1 is often "
+                                                   "fastest for tiny models on a busy machine)")
     add_device(serve)
     return parser
 
@@ -153,6 +155,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import torch
+
     from gpt.train import choose_device
 
     try:
@@ -168,6 +172,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError("--max-tokens and --max-prompt-tokens must be at least 1")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens)
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key or None,
           model_name=args.model_name, limits=limits, device=choose_device(args.device))
