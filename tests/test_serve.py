@@ -187,13 +187,15 @@ def test_concurrent_clients_each_get_their_own_text(client):
     assert not errors and results == expected
 
 
-def test_a_client_that_disconnects_stops_its_generation(url, client):
+def test_health_answers_during_a_stream_and_a_disconnect_stops_it(url, client):
     body = {"model": "tiny", "prompt": "Alice", "max_tokens": MAX_TOKENS, "temperature": 0}
     assert greedy(client, "Alice", max_tokens=MAX_TOKENS).choices[0].finish_reason == "length"  # runs to the cap
     before = httpx.get(f"{url}/health").json()
     with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as response:
-        first_lines = [line for _, line in zip(range(3), response.iter_lines())]
-    assert first_lines[0].startswith("data: ")
+        lines = response.iter_lines()  # kept: dropping the iterator would close the connection
+        first_lines = [next(lines) for _ in range(3)]
+        during = httpx.get(f"{url}/health").json()  # answered while the model generates, not after
+    assert first_lines[0].startswith("data: ") and during["running"] == 1
     deadline = time.monotonic() + 300  # only a broken server gets near this; normally well under a second
     while (health := httpx.get(f"{url}/health").json())["queued"] and time.monotonic() < deadline:
         time.sleep(0.05)
