@@ -109,3 +109,41 @@ def test_invalid_sampling_values(tiny_run, args, words):
 def test_eval_rejects_bad_text_and_stride(tiny_run, files):
     assert_one_clear_line(gpt("eval", "--checkpoint", str(tiny_run), "--text", str(files / "binary.txt")), "binary")
     assert_one_clear_line(gpt("eval", "--checkpoint", str(tiny_run), "--stride", "0"), "stride")
+
+
+def test_generate_with_stop_strings_and_filters(tiny_run):
+    free = gpt("generate", "--checkpoint", str(tiny_run), "Alice", "--temperature", "0", "--max-new-tokens", "40")
+    continuation = free.stdout[len("Alice"):-1]
+    stop = continuation[8:11]
+    cut = gpt("generate", "--checkpoint", str(tiny_run), "Alice", "--temperature", "0", "--max-new-tokens", "40",
+              "--stop", stop, "--stop", "zzzz", "--min-p", "0.05", "--repetition-penalty", "1.0")
+    assert cut.returncode == 0, cut.stderr
+    assert cut.stdout == "Alice" + continuation[: continuation.index(stop)] + "\n"
+
+
+@pytest.mark.slow
+def test_interactive_mode_in_a_terminal(tiny_run):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "gpt", "generate", "--checkpoint", str(tiny_run), "--interactive",
+                                           "--max-new-tokens", "100000", "--temperature", "1.5", "--seed", "0"],
+                          env=dict(os.environ), encoding="utf-8", timeout=60)
+    child.expect("Ctrl-D exits")
+    child.expect("> ")
+    child.sendline("Alice said")
+    child.expect("Alice said")  # the echo of the typed line
+    child.expect("Alice said")  # the streamed continuation starts with the prompt
+    child.expect(r"\S{3}")  # generated text is arriving
+    child.sendintr()  # Ctrl-C stops this continuation, not the program
+    child.expect(r"\[stopped\]")
+    child.expect("> ")
+    child.send("\x1b[A")  # up arrow: readline history brings the last prompt back
+    child.expect("Alice said")
+    child.sendline("")
+    child.expect(r"\S{3}")
+    child.sendintr()
+    child.expect(r"\[stopped\]")
+    child.expect("> ")
+    child.sendeof()  # Ctrl-D exits cleanly
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

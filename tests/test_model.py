@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig, UsageError
-from gpt.model import GPT, KVCache
+from gpt.model import GPT, Decoder, KVCache
+from gpt.sampling import SamplingParams
 
 ARCHS = ["gpt1", "gpt2"]
 
@@ -107,6 +108,59 @@ def test_greedy_generation_equals_stepwise_argmax_beyond_the_window(arch):
         logits = model(tokens[:, start:])[:, -1]
         tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, tokens)
+
+
+def reference_contexts(prompt_len: int, steps: int, window: int) -> list[tuple[int, int]]:
+    """(start, end) of the context behind each step's logits: the last window tokens, restarting from
+    the last half of the window whenever a token would overflow it."""
+    start, end, spans = max(0, prompt_len - window), prompt_len, []
+    for _ in range(steps):
+        spans.append((start, end))
+        end += 1
+        if end - start > window:
+            start = end - window // 2
+    return spans
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("prompt_len", [3, 8, 20])
+def test_cached_logits_equal_full_forward_at_every_step(arch, prompt_len):
+    """Below, at and beyond sequence_len (8): logits with the cache = a full forward over the same context."""
+    model = tiny(arch, sequence_len=8)
+    tokens = torch.randint(1, 97, (2, prompt_len + 30), generator=torch.Generator().manual_seed(prompt_len))
+    decoder = Decoder(model, tokens[:, :prompt_len])
+    for step, (start, end) in enumerate(reference_contexts(prompt_len, 30, 8)):
+        if step:
+            decoder.append(tokens[:, end - 1])
+        full = model(tokens[:, start:end])[:, -1]
+        assert (decoder.logits - full).abs().max() <= 1e-4, (step, start, end)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_rows_decode_like_unpadded_ones(arch):
+    model = tiny(arch, sequence_len=8)
+    short, long = torch.randint(1, 97, (1, 3)), torch.randint(1, 97, (1, 6))
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])  # (2, 6)
+    pad_mask = torch.tensor([[True] * 3 + [False] * 3, [False] * 6])
+    together = torch.stack(list(model.stream(batch, 20, SamplingParams(temperature=0), pad_mask)), 1)
+    for row, alone in enumerate([short, long]):
+        assert torch.equal(together[row], model.generate(alone, 20, temperature=0)[0, alone.size(1):])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_and_no_cache_generate_the_same_tokens(arch):
+    model = tiny(arch, sequence_len=8)
+    prompt = torch.randint(1, 97, (2, 5))
+    assert torch.equal(model.generate(prompt, 25, temperature=0),
+                       model.generate(prompt, 25, temperature=0, use_cache=False))
+
+
+def test_repetition_penalty_sees_the_prompt_and_generated_tokens():
+    model = tiny(sequence_len=32)
+    prompt = torch.randint(1, 97, (1, 4))
+    params = SamplingParams(temperature=0, repetition_penalty=1e6)  # a seen token is never chosen again
+    new = torch.cat(list(model.stream(prompt, 20, params))).tolist()
+    assert len(set(new)) == 20 and not set(new) & set(prompt[0].tolist())
 
 
 def test_long_prompt_is_cropped_not_an_error():

@@ -1,11 +1,13 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpt.checkpoint import load_checkpoint
 from gpt.config import UsageError
 from gpt.model import GPT
 from gpt.retriever import IncrementalDecoder, Retriever
-from gpt.tokenizer import EOT, train_tokenizer
+from gpt.tokenizer import EOT, decode, token_bytes, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,70 @@ def test_incremental_decoding_holds_back_split_characters():
     sample = "🐇白兔 tea 🎩🎩, é"
     ids = tokenizer.encode(sample).ids
     assert len(ids) > len(sample)  # some characters really are split across tokens
-    decoder = IncrementalDecoder(tokenizer)
+    decoder = IncrementalDecoder(token_bytes(tokenizer))
     pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert "".join(pieces) == sample
     assert not any("\ufffd" in p for p in pieces)
+
+
+@pytest.fixture(scope="module")
+def emoji_tokenizer():
+    return train_tokenizer(["Alice 🐇 met 白兔 and 🎩 tea. " * 30], vocab_size=262)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 261), max_size=40))
+def test_incremental_decoding_equals_the_full_decode(emoji_tokenizer, ids):
+    """Any id sequence, valid UTF-8 or not: the pieces join to the full decode, and a piece once shown
+    is never taken back (no replacement character that the full decode does not have)."""
+    decoder = IncrementalDecoder(token_bytes(emoji_tokenizer))
+    full, shown = decode(emoji_tokenizer, ids), ""
+    for token_id in ids:
+        shown += decoder.push(token_id)
+        assert full.startswith(shown)
+    assert shown + decoder.flush() == full
+
+
+def test_stop_strings_cut_the_text_and_never_stream_past_them(retriever):
+    free = retriever.generate("Alice", temperature=0, max_new_tokens=60)[len("Alice"):]
+    stop = free[10:13]  # a string the greedy continuation really produces
+    expected = free[: free.index(stop)]
+    stream = retriever.stream("Alice", temperature=0, max_new_tokens=60, stop=[stop, "never in the text"])
+    pieces = list(stream)
+    assert "".join(pieces) == expected and stream.finish_reason == "stop"
+    [completion] = retriever.complete(["Alice"], temperature=0, max_new_tokens=60, stop=stop)
+    assert completion.text == expected and completion.finish_reason == "stop"
+
+
+def test_finish_reason_and_token_counts(retriever):
+    [done] = retriever.complete(["The Queen"], max_new_tokens=7, temperature=0)
+    assert done.finish_reason == "length" and done.completion_tokens == 7
+    assert done.prompt_tokens == retriever.count_tokens("The Queen") > 1
+    stream = retriever.stream("The Queen", max_new_tokens=7, temperature=0)
+    assert "".join(stream) == done.text and stream.finish_reason == "length" and stream.completion_tokens == 7
+    [nothing] = retriever.complete(["x"], max_new_tokens=0)
+    assert nothing.text == "" and nothing.completion_tokens == 0 and nothing.finish_reason == "length"
+
+
+def test_prompts_of_different_lengths_batch_like_single_prompts(retriever):
+    prompts = ["Alice", "The Queen of Hearts said", "", "🐇 白兔"]
+    together = retriever.complete(prompts, max_new_tokens=25, temperature=0)
+    for prompt, completion in zip(prompts, together):
+        assert completion == retriever.complete([prompt], max_new_tokens=25, temperature=0)[0]
+
+
+def test_closing_a_stream_stops_generation(retriever):
+    stream = retriever.stream("Alice", max_new_tokens=10_000, temperature=1.0, seed=0)
+    next(stream)
+    stream.close()
+    assert list(stream) == [] and stream.completion_tokens < 100
+
+
+def test_min_p_and_repetition_penalty_reach_the_model(retriever):
+    plain = retriever.generate("Alice", temperature=0, max_new_tokens=40)
+    assert retriever.generate("Alice", temperature=0, max_new_tokens=40, repetition_penalty=1.0) == plain
+    assert retriever.generate("Alice", temperature=0, max_new_tokens=40, repetition_penalty=3.0) != plain
+    assert retriever.generate("Alice", max_new_tokens=20, min_p=1.0, seed=5) == retriever.generate(
+        "Alice", max_new_tokens=20, temperature=0)
+    with pytest.raises(UsageError, match="min-p"):
+        retriever.stream("x", min_p=2.0)

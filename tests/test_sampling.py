@@ -1,4 +1,4 @@
-"""Choosing the next token: greedy, temperature, top-k, top-p, seeding and parameter validation."""
+"""Choosing the next token: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeding, validation."""
 
 import math
 
@@ -151,6 +151,8 @@ def test_seeded_generator_is_reproducible():
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=2.0, top_k=0, top_p=1.0),
         SamplingParams(top_k=1, top_p=1e-9),
+        SamplingParams(min_p=0.0, repetition_penalty=1.0),
+        SamplingParams(min_p=1.0, repetition_penalty=0.5),
     ],
 )
 def test_valid_params(params):
@@ -168,8 +170,57 @@ def test_valid_params(params):
         (SamplingParams(top_p=-0.5), "top-p"),
         (SamplingParams(top_p=math.nan), "top-p"),
         (SamplingParams(top_k=-1), "top-k"),
+        (SamplingParams(min_p=-0.1), "min-p"),
+        (SamplingParams(min_p=1.5), "min-p"),
+        (SamplingParams(min_p=math.nan), "min-p"),
+        (SamplingParams(repetition_penalty=0.0), "repetition penalty"),
+        (SamplingParams(repetition_penalty=-1.0), "repetition penalty"),
+        (SamplingParams(repetition_penalty=math.inf), "repetition penalty"),
+        (SamplingParams(repetition_penalty=math.nan), "repetition penalty"),
     ],
 )
 def test_invalid_params(params, needle):
     with pytest.raises(UsageError, match=needle):
         params.validate()
+
+
+# ------------------------------------------------------------------------------------ min-p, repetition
+
+
+@pytest.mark.parametrize("min_p", [0.05, 0.3, 0.9])
+def test_min_p_keeps_tokens_near_the_most_likely(min_p):
+    logits = random_logits()
+    probs = logits.softmax(-1)
+    samples = draws(logits, SamplingParams(min_p=min_p), n=2000)
+    for row in range(logits.size(0)):
+        allowed = set(torch.nonzero(probs[row] >= min_p * probs[row].max()).flatten().tolist())
+        assert support(samples, row) <= allowed
+        assert int(probs[row].argmax()) in support(samples, row)
+
+
+def test_min_p_one_is_argmax():
+    logits = random_logits()
+    assert torch.equal(draws(logits, SamplingParams(min_p=1.0), n=50)[0], logits.argmax(-1))
+
+
+def test_min_p_applies_after_temperature():
+    """Tempering flattens the distribution, so more tokens pass the same min-p bar."""
+    logits = random_logits(batch=1)
+    cold = support(draws(logits, SamplingParams(temperature=0.5, min_p=0.2), n=3000), 0)
+    hot = support(draws(logits, SamplingParams(temperature=2.0, min_p=0.2), n=3000), 0)
+    assert cold < hot
+
+
+def test_repetition_penalty_follows_ctrl():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    seen = torch.tensor([[True, True, False, False]])
+    params = SamplingParams(temperature=0, repetition_penalty=4.0)
+    assert sample_next(logits, params, seen=seen).item() == 2  # 2.0 / 4 = 0.5 < 1.0; -2 * 4 = -8
+    assert sample_next(logits, params).item() == 0  # nothing seen: nothing penalized
+    assert sample_next(logits, SamplingParams(temperature=0, repetition_penalty=1.0), seen=seen).item() == 0
+
+
+def test_repetition_penalty_below_one_favours_seen_tokens():
+    logits = torch.tensor([[1.0, 0.9, -3.0]])
+    seen = torch.tensor([[False, True, False]])
+    assert sample_next(logits, SamplingParams(temperature=0, repetition_penalty=0.5), seen=seen).item() == 1

@@ -46,8 +46,12 @@ def build_parser() -> ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     generate.add_argument("--top-k", type=int, help="sample from the K most likely tokens")
     generate.add_argument("--top-p", type=float, help="sample from the smallest set with probability P")
+    generate.add_argument("--min-p", type=float, help="drop tokens less than P times as likely as the best one")
+    generate.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeating context tokens")
+    generate.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
     generate.add_argument("--seed", type=int, help="same seed, same text")
-    generate.add_argument("--num-samples", type=int, default=1)
+    generate.add_argument("--num-samples", type=int, default=1, help="N samples, generated as one batch")
+    generate.add_argument("--interactive", action="store_true", help="read prompts in a loop (Ctrl-D exits)")
     add_device(generate)
 
     evaluate = commands.add_parser("eval", help="score text: loss, perplexity, bits per character and byte")
@@ -110,7 +114,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from gpt.sampling import SamplingParams
     from gpt.train import choose_device
 
-    SamplingParams(args.temperature, args.top_k, args.top_p).validate()
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty).validate()
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.num_samples < 1:
@@ -118,7 +122,10 @@ def run_generate(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint, choose_device(args.device))
     retriever = Retriever(checkpoint.tokenizer, checkpoint.model)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed)
+                    top_p=args.top_p, seed=args.seed, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty, stop=args.stop)
+    if args.interactive:
+        return interact(retriever, sampling)
     if args.num_samples == 1:
         print(args.prompt, end="", flush=True)
         for piece in retriever.stream(args.prompt, **sampling):
@@ -128,6 +135,33 @@ def run_generate(args: argparse.Namespace) -> int:
     for i, text in enumerate(retriever.generate_batch(args.prompt, args.num_samples, **sampling)):
         print(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n{text}")
     return 0
+
+
+def interact(retriever, sampling: dict) -> int:
+    """A prompt loop: Ctrl-C stops the current continuation (or clears the line), Ctrl-D exits."""
+    try:
+        import readline  # noqa: F401  (importing it gives input() line editing and history)
+    except ImportError:  # Windows
+        pass
+    print("Type a prompt and press Enter. Ctrl-C stops a continuation, Ctrl-D exits.", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        stream = retriever.stream(prompt, **sampling)
+        print(prompt, end="", flush=True)
+        try:
+            for piece in stream:
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            stream.close()
+            print(" [stopped]", end="")
+        print()
 
 
 def run_eval(args: argparse.Namespace) -> int:

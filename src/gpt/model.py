@@ -194,36 +194,26 @@ class GPT(nn.Module):
     @torch.no_grad()
     def stream(
         self, idx: torch.Tensor, max_new_tokens: int, params: SamplingParams | None = None,
-        pad_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+        pad_mask: torch.Tensor | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
     ) -> Iterator[torch.Tensor]:
-        """Yield the next token ids (B,) one step at a time, decoding with a KV cache.
-
-        A context longer than sequence_len is cropped to its last tokens; when the cache is full,
-        it is refilled from the last half of the window, so generation never stops for length.
-        """
+        """Yield the next token ids (B,) one step at a time. pad_mask (B, T) is True at (left) padding."""
         params = params or SamplingParams()
         was_training = self.training
         self.eval()
-        window = self.config.sequence_len
-        keep = max(1, window // 2)
-        tokens, pad = idx, pad_mask
         try:
-            cache, step_input, step_pad = None, None, None
-            for _ in range(max_new_tokens):
-                if cache is None or cache.length >= window:
-                    context = tokens[:, -(keep if cache is not None else window):]
-                    context_pad = None if pad is None else pad[:, -context.size(1):]
-                    cache = KVCache(self.config, tokens.size(0), tokens.device, self.token_embed.weight.dtype)
-                    logits = self(context, context_pad, cache)[:, -1]
-                else:
-                    logits = self(step_input, step_pad, cache)[:, -1]
-                next_token = sample_next(logits, params, generator)  # (B,)
+            decoder = Decoder(self, idx, pad_mask, use_cache) if max_new_tokens > 0 else None
+            seen = None
+            if params.repetition_penalty not in (None, 1.0):  # every real token of the context, per row
+                seen = torch.zeros(idx.size(0), self.config.vocab_size, dtype=torch.bool, device=idx.device)
+                real = torch.ones_like(idx, dtype=torch.bool) if pad_mask is None else ~pad_mask
+                seen[torch.arange(idx.size(0), device=idx.device)[:, None].expand_as(idx)[real], idx[real]] = True
+            for step in range(max_new_tokens):
+                next_token = sample_next(decoder.logits, params, generator, seen)  # (B,)
                 yield next_token
-                step_input = next_token[:, None]
-                tokens = torch.cat([tokens, step_input], dim=1)
-                if pad is not None:
-                    step_pad = torch.zeros_like(step_input, dtype=torch.bool)
-                    pad = torch.cat([pad, step_pad], dim=1)
+                if seen is not None:
+                    seen[torch.arange(idx.size(0), device=idx.device), next_token] = True
+                if step + 1 < max_new_tokens:
+                    decoder.append(next_token)
         finally:
             self.train(was_training)
 
@@ -231,9 +221,50 @@ class GPT(nn.Module):
     def generate(
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
         top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """idx (B, T) -> (B, T + max_new_tokens): the context with its continuation appended."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         params.validate()
-        new = list(self.stream(idx, max_new_tokens, params, generator=generator))
+        new = list(self.stream(idx, max_new_tokens, params, generator=generator, use_cache=use_cache))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1) if new else idx
+
+
+class Decoder:
+    """Incremental decoding with a KV cache whose window slides when it is full.
+
+    The context starts as the last sequence_len tokens. When a new token would overflow the
+    window, the context restarts from the last half of it and is prefilled again: one prefill
+    per sequence_len / 2 tokens, and positions stay the ones the model was trained on. Without
+    the cache, every step is a full forward over the same context: the reference it must match.
+    """
+
+    def __init__(self, model: GPT, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, use_cache: bool = True):
+        self.model, self.use_cache = model, use_cache
+        self.window = model.config.sequence_len
+        self.keep = max(1, self.window // 2)
+        self.tokens = idx[:, -self.window :]  # (B, <= window): the context the next logits see
+        self.pad = None if pad_mask is None else pad_mask[:, -self.window :]
+        self.logits = self._prefill()  # (B, vocab): scores for the next token
+
+    def _prefill(self) -> torch.Tensor:
+        self.cache = KVCache(self.model.config, self.tokens.size(0), self.tokens.device,
+                             self.model.token_embed.weight.dtype) if self.use_cache else None
+        return self.model(self.tokens, self.pad, self.cache)[:, -1]
+
+    def append(self, token: torch.Tensor) -> torch.Tensor:
+        """Add one token per row (B,); return the logits for the token after it."""
+        step = token[:, None]  # (B, 1)
+        step_pad = None if self.pad is None else torch.zeros_like(step, dtype=torch.bool)
+        self.tokens = torch.cat([self.tokens, step], dim=1)
+        if self.pad is not None:
+            self.pad = torch.cat([self.pad, step_pad], dim=1)
+        if self.tokens.size(1) > self.window:  # slide: keep the last half, prefill it again
+            self.tokens = self.tokens[:, -self.keep :]
+            self.pad = None if self.pad is None else self.pad[:, -self.keep :]
+            self.logits = self._prefill()
+        elif self.cache is None:
+            self.logits = self._prefill()
+        else:
+            self.logits = self.model(step, step_pad, self.cache)[:, -1]
+        return self.logits

@@ -54,6 +54,26 @@ def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
+def byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE spells each byte as one printable character (GPT-2's table): character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return table
+
+
+def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
+    """The bytes each id stands for (b"" for special tokens): decoding is joining them as UTF-8."""
+    alphabet = byte_alphabet()
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    table = [b""] * tokenizer.get_vocab_size()
+    for token, token_id in tokenizer.get_vocab().items():
+        if token not in special:
+            table[token_id] = bytes(alphabet[c] for c in token)
+    return table
+
+
 def special_id(tokenizer: Tokenizer, token: str) -> int:
     token_id = tokenizer.token_to_id(token)
     if token_id is None:

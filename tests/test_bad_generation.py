@@ -1,0 +1,91 @@
+"""Bad or unusual generation input through the real CLI: a clear error, or a documented success.
+
+Documented successes: an empty prompt starts a new text; a prompt longer than the context keeps its
+last tokens; characters never seen in training are encoded as bytes; --max-new-tokens 0 prints the
+prompt; a huge --max-new-tokens streams until end of text or Ctrl-C. The checkpoint is never changed.
+"""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gpt.cli import main
+
+
+def gpt(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI's main() in this process (no interpreter start-up per case): exit code, stdout, stderr."""
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def folder_hash(folder) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_run):
+    before = folder_hash(tiny_run)
+    yield str(tiny_run)
+    assert folder_hash(tiny_run) == before  # generation never writes to the checkpoint
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--temperature", "-1"], ["temperature", ">= 0"]),
+    (["--temperature", "nan"], ["temperature"]),
+    (["--top-p", "0"], ["top-p", "(0, 1]"]),
+    (["--top-k", "-3"], ["top-k"]),
+    (["--min-p", "1.5"], ["min-p", "[0, 1]"]),
+    (["--min-p", "-0.1"], ["min-p"]),
+    (["--repetition-penalty", "0"], ["repetition penalty", "> 0"]),
+    (["--repetition-penalty", "inf"], ["repetition penalty"]),
+    (["--max-new-tokens", "-5"], ["--max-new-tokens", ">= 0"]),
+    (["--max-new-tokens", "lots"], ["invalid int"]),
+    (["--num-samples", "-2"], ["--num-samples"]),
+    (["--top-k", "2.5"], ["invalid int"]),
+])
+def test_invalid_sampling_values_are_one_clear_line(capsys, checkpoint, args, words):
+    code, out, err = gpt(capsys, "generate", "--checkpoint", checkpoint, "Alice", *args)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpt: error: ") and "Traceback" not in err
+    assert all(word in lines[0] for word in words), lines[0]
+
+
+@pytest.mark.parametrize("prompt", [
+    "",  # a new text
+    "Alice " * 400,  # far longer than the context
+    "Ωmega ≈ 🦄 日本語 \u200b\ttab",  # characters the book never uses
+    "<|endoftext|>[PAD]",  # special-token names are plain text
+])
+def test_unusual_prompts_are_continued(capsys, checkpoint, prompt):
+    code, out, err = gpt(capsys, "generate", "--checkpoint", checkpoint, prompt, "--max-new-tokens", "20",
+                         "--seed", "0")
+    assert code == 0 and err == "", err
+    assert out.startswith(prompt) and len(out) > len(prompt)
+
+
+def test_zero_new_tokens_prints_the_prompt(capsys, checkpoint):
+    assert gpt(capsys, "generate", "--checkpoint", checkpoint, "Alice", "--max-new-tokens", "0") == (0, "Alice\n", "")
+
+
+@pytest.mark.slow
+def test_huge_max_new_tokens_streams_until_interrupted(checkpoint):
+    command = [sys.executable, "-m", "gpt", "generate", "--checkpoint", checkpoint, "Alice",
+               "--max-new-tokens", str(10**15), "--temperature", "1.5", "--seed", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
+    first = process.stdout.read(300)  # text arrives as it is generated, not at the end
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    rest, err = process.communicate(timeout=60)
+    assert first.startswith("Alice") and len(first + rest) > 300
+    assert process.returncode == 130 and "Traceback" not in err
+
