@@ -16,7 +16,7 @@ from gpt.retriever import Retriever
 from gpt.serve import background, create_app
 from gpt.serve_schema import Limits
 
-MAX_TOKENS = 1000  # the server's cap: room for the long generation the disconnect test cuts short
+MAX_TOKENS = 2000  # the server's cap: room for the long generation the disconnect test cuts short
 LIMITS = Limits(max_tokens=MAX_TOKENS, max_prompt_tokens=50, max_body_bytes=10_000)
 
 
