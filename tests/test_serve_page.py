@@ -5,12 +5,15 @@ is downloaded. CI installs them, so this test runs there.
 """
 
 import shutil
+import time
 
+import httpx
 import openai
 import pytest
 
 from gpt.checkpoint import load_checkpoint
 from gpt.serve import background, create_app
+from gpt.serve_schema import Limits
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -19,8 +22,13 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
 
 
 @pytest.fixture(scope="module")
-def url(tiny_run):
-    with background(create_app(load_checkpoint(tiny_run), model_name="tiny")) as address:
+def checkpoint(tiny_run):
+    return load_checkpoint(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint):
+    with background(create_app(checkpoint, model_name="tiny", limits=Limits(max_tokens=10_000))) as address:
         yield address
 
 
@@ -46,9 +54,17 @@ def fill(browser, element_id: str, value: str) -> None:
     element.send_keys(value)
 
 
-def test_typing_a_prompt_streams_the_models_text(browser, url):
+def wait_until_finished(browser, seconds: float = 120) -> str:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
+    status = browser.find_element(By.ID, "status")
+    WebDriverWait(browser, seconds).until(lambda _: status.get_attribute("data-state") in ("done", "error"))
+    return status.get_attribute("data-state")
+
+
+def test_typing_a_prompt_streams_the_models_text(browser, url):
+    from selenium.webdriver.common.by import By
 
     browser.get(url)
     assert browser.find_element(By.ID, "model").text == "tiny"
@@ -57,8 +73,7 @@ def test_typing_a_prompt_streams_the_models_text(browser, url):
     fill(browser, "max-tokens", "30")
     browser.find_element(By.ID, "generate").click()
     status = browser.find_element(By.ID, "status")
-    WebDriverWait(browser, 120).until(lambda _: status.get_attribute("data-state") in ("done", "error"))
-    assert status.get_attribute("data-state") == "done", status.text
+    assert wait_until_finished(browser) == "done", status.text
     shown = browser.find_element(By.ID, "completion").get_attribute("textContent")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     expected = client.completions.create(model="tiny", prompt="The Queen", max_tokens=30, temperature=0).choices[0]
@@ -70,11 +85,44 @@ def test_typing_a_prompt_streams_the_models_text(browser, url):
 
 def test_a_refused_request_shows_the_servers_message(browser, url):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(url)
     fill(browser, "max-tokens", "0")
     browser.find_element(By.ID, "generate").click()
-    status = browser.find_element(By.ID, "status")
-    WebDriverWait(browser, 60).until(lambda _: status.get_attribute("data-state") in ("done", "error"))
-    assert status.get_attribute("data-state") == "error" and "max_tokens" in status.text
+    assert wait_until_finished(browser, 60) == "error"
+    assert "max_tokens" in browser.find_element(By.ID, "status").text
+
+
+def test_stop_button_ends_the_generation_on_the_server(browser, url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    before = httpx.get(f"{url}/health").json()
+    browser.get(url)
+    fill(browser, "temperature", "0")
+    fill(browser, "max-tokens", "10000")  # ~20 s of generation unless stopped
+    browser.find_element(By.ID, "generate").click()
+    completion = browser.find_element(By.ID, "completion")
+    WebDriverWait(browser, 60, poll_frequency=0.02).until(lambda _: completion.get_attribute("textContent"))
+    browser.find_element(By.ID, "stop").click()
+    assert wait_until_finished(browser, 60) == "done"
+    assert browser.find_element(By.ID, "status").text == "stopped"
+    deadline = time.monotonic() + 300  # only a server that ignores the disconnect gets near this
+    while (health := httpx.get(f"{url}/health").json())["queued"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health["cancelled_streams"] == before["cancelled_streams"] + 1
+
+
+def test_the_key_field_appears_when_the_server_needs_a_key(browser, checkpoint):
+    from selenium.webdriver.common.by import By
+
+    with background(create_app(checkpoint, model_name="tiny", api_key="sesame")) as address:
+        browser.get(address)
+        assert browser.find_element(By.ID, "api-key").is_displayed()
+        browser.find_element(By.ID, "generate").click()
+        assert wait_until_finished(browser, 60) == "error"
+        assert "API key" in browser.find_element(By.ID, "status").text
+        fill(browser, "api-key", "sesame")
+        browser.find_element(By.ID, "generate").click()
+        assert wait_until_finished(browser, 60) == "done"
+        assert browser.find_element(By.ID, "completion").get_attribute("textContent")
