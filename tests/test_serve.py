@@ -2,6 +2,7 @@
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -224,6 +225,21 @@ def test_cli_reports_a_missing_checkpoint(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("gpt: error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+BAD_OPTIONS = [(["--port", "70000"], "--port"), (["--threads", "0"], "--threads"),
+               (["--max-tokens", "0"], "--max-tokens"), (["--port", "BUSY"], "cannot listen")]
+
+
+@pytest.mark.parametrize("flags, words", BAD_OPTIONS)
+def test_cli_refuses_bad_options_in_one_line(tiny_run, capsys, flags, words):
+    from gpt import cli
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        flags = [str(busy.getsockname()[1]) if flag == "BUSY" else flag for flag in flags]
+        assert cli.main(["serve", "--checkpoint", str(tiny_run), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt: error: ") and words in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_says_how_to_install_fastapi(monkeypatch, capsys, tiny_run):
