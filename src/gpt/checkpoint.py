@@ -72,8 +72,10 @@ def save_config(
     write_text(folder / TOKENIZER_FILE, tokenizer.to_str(pretty=True))
 
 
-def save_weights(folder: Path, model: GPT, metadata: dict[str, str] | None = None) -> None:
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+def save_weights(folder: Path, weights: GPT | dict, metadata: dict[str, str] | None = None) -> None:
+    """Weights of a model, or a state dict (what a multi-process run gathers), as safetensors."""
+    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=metadata or {}))
 
 

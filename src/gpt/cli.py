@@ -36,6 +36,8 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--seed", type=int, help="random seed (same seed, data and device: same losses)")
     train.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="training precision")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    train.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (gradient accumulation)")
+    train.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters and optimizer state")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device(train)
 
@@ -53,6 +55,14 @@ def build_parser() -> ArgumentParser:
     generate.add_argument("--num-samples", type=int, default=1, help="N samples, generated as one batch")
     generate.add_argument("--interactive", action="store_true", help="read prompts in a loop (Ctrl-D exits)")
     add_device(generate)
+
+    prepare = commands.add_parser("prepare", help="tokenize a large corpus once into token shards for gpt train")
+    prepare.add_argument("--data", required=True, help="a UTF-8 text file or a folder of .txt files")
+    prepare.add_argument("--out", required=True, help="folder for the shards, tokenizer.json and manifest.json")
+    prepare.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary to train (default 2048)")
+    prepare.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    prepare.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of characters to validate")
+    prepare.add_argument("--workers", type=int, help="encoding processes (default: one per CPU core)")
 
     evaluate = commands.add_parser("eval", help="score text: loss, perplexity, bits per character and byte")
     evaluate.add_argument("--checkpoint", required=True, help="a folder written by gpt train")
@@ -91,7 +101,8 @@ def train_configs(args: argparse.Namespace):
         train_config.max_steps = args.max_steps
     elif args.max_steps is not None:
         train_config.max_steps, train_config.max_time = args.max_steps, None
-    for name in ("eval_interval", "seed", "dtype"):
+    train_config.fsdp = args.fsdp
+    for name in ("eval_interval", "seed", "dtype", "grad_accum"):
         if getattr(args, name) is not None:
             setattr(train_config, name, getattr(args, name))
     train_config.device = args.device
@@ -164,21 +175,42 @@ def interact(retriever, sampling: dict) -> int:
         print()
 
 
+def run_prepare(args: argparse.Namespace) -> int:
+    from gpt.config import TrainConfig
+    from gpt.prepare import prepare
+
+    TrainConfig(tokenizer_vocab_size=args.vocab_size, val_fraction=args.val_fraction).validate()
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    manifest = prepare(args.data, args.out, args.vocab_size, args.val_fraction, args.tokenizer, args.workers)
+    tokens = {part: sum(s["tokens"] for s in manifest["shards"] if s["split"] == part) for part in ("train", "val")}
+    print(f"{manifest['files']} files -> {tokens['train']:,} training and {tokens['val']:,} validation tokens "
+          f"({manifest['dtype']}) in {args.out}; train with: gpt train --data {args.out}", file=sys.stderr)
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from gpt.checkpoint import load_checkpoint
     from gpt.corpus import load_documents
     from gpt.dataset import split_documents
-    from gpt.evaluate import evaluate_documents
+    from gpt.evaluate import evaluate_documents, score_from_counts, total_nats
+    from gpt.prepare import is_prepared, load_prepared
+    from gpt.tokenizer import EOT, special_id
     from gpt.train import choose_device
 
     checkpoint = load_checkpoint(args.checkpoint, choose_device(args.device))
+    source = checkpoint.info.get("data", "alice")
     if args.text:
-        documents, what = load_documents(args.text), args.text
+        what = args.text
+        score = evaluate_documents(checkpoint.model, checkpoint.tokenizer, load_documents(args.text), args.stride)
+    elif is_prepared(source):
+        what, splits = f"validation shards of {source}", load_prepared(source)[1]
+        nats, tokens = total_nats(checkpoint.model, splits.val, special_id(checkpoint.tokenizer, EOT), args.stride)
+        score = score_from_counts(nats, tokens, splits.val_chars, splits.val_bytes)
     else:
-        source = checkpoint.info.get("data", "alice")
-        documents = split_documents(load_documents(source), checkpoint.train_config.val_fraction)[1]
         what = f"validation split of {source}"
-    score = evaluate_documents(checkpoint.model, checkpoint.tokenizer, documents, args.stride)
+        documents = split_documents(load_documents(source), checkpoint.train_config.val_fraction)[1]
+        score = evaluate_documents(checkpoint.model, checkpoint.tokenizer, documents, args.stride)
     if args.json:
         print(json.dumps(score.as_dict()))
     else:
@@ -221,11 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        return {"train": run_train, "generate": run_generate, "eval": run_eval, "serve": run_serve}[args.command](args)
+        return {"train": run_train, "generate": run_generate, "eval": run_eval, "prepare": run_prepare,
+                "serve": run_serve}[args.command](args)
     except UsageError as err:
         if debug:
             raise
-        print(f"gpt: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
+            print(f"gpt: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

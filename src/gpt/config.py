@@ -72,9 +72,12 @@ class TrainConfig:
     val_fraction: float = 0.1
     device: str = "auto"  # "auto", "cpu", "cuda", "mps"
     dtype: str = "float32"  # "auto", "float32", "bfloat16"
+    grad_accum: int = 1  # micro-steps per optimizer step: global batch = batch_size x grad_accum x processes
+    fsdp: bool = False  # shard parameters, gradients and optimizer state across torchrun processes
 
     def validate(self) -> None:
-        for name in ("tokenizer_vocab_size", "batch_size", "eval_interval", "log_interval", "checkpoint_interval"):
+        for name in ("tokenizer_vocab_size", "batch_size", "eval_interval", "log_interval", "checkpoint_interval",
+                     "grad_accum"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
         if self.tokenizer_vocab_size < 258:

@@ -88,20 +88,24 @@ def read_text_file(path: Path) -> str:
     return text.replace("\r\n", "\n")
 
 
+def text_files(path: Path) -> list[Path]:
+    """The files of a corpus: the file itself, or a folder's .txt files (recursively, in sorted order)."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise UsageError(f"folder {path} has no .txt files; add some or pass a single text file")
+        return files
+    if path.is_file():
+        return [path]
+    raise UsageError(f"{path} does not exist; pass an existing text file or folder")
+
+
 def load_documents(source: str | Path | None = None) -> list[str]:
     """Documents of a corpus: None or "alice" for the book, a text file, or a folder of .txt files."""
     if source is None or str(source) == ALICE:
         return [alice_text()]
     path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise UsageError(f"folder {path} has no .txt files; add some or pass a single text file")
-        documents = [read_text_file(p) for p in files]
-    elif path.is_file():
-        documents = [read_text_file(path)]
-    else:
-        raise UsageError(f"{path} does not exist; pass an existing text file or folder")
+    documents = [read_text_file(p) for p in text_files(path)]
     documents = [d for d in documents if d.strip()]
     if not documents:
         raise UsageError(f"{path} holds no text (empty or only whitespace); pass a file with text in it")

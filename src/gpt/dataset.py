@@ -11,6 +11,7 @@ them. A batch is a function of (seed, step) alone, which makes resuming exact.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,9 @@ def write_tokens(path: Path, ids: np.ndarray) -> np.ndarray:
 class TokenSplits:
     train: np.ndarray
     val: np.ndarray
-    val_text: list[str]
+    val_text: list[str]  # empty for prepared shards, which keep only the counts below
+    val_chars: int = 0
+    val_bytes: int = 0
 
 
 def prepare_splits(
@@ -80,7 +83,8 @@ def prepare_splits(
     if folder is not None:
         train_ids = write_tokens(Path(folder) / "train.bin", train_ids)
         val_ids = write_tokens(Path(folder) / "val.bin", val_ids)
-    return TokenSplits(train_ids, val_ids, val_docs)
+    return TokenSplits(train_ids, val_ids, val_docs, sum(map(len, val_docs)),
+                       sum(len(d.encode("utf-8")) for d in val_docs))
 
 
 def check_lengths(splits: TokenSplits, sequence_len: int) -> None:
@@ -93,6 +97,23 @@ def check_lengths(splits: TokenSplits, sequence_len: int) -> None:
         raise UsageError("the validation split is empty; use a longer text")
 
 
+EXACT_SHUFFLE_LIMIT = 1 << 24  # windows; beyond this an explicit permutation would take > 128 MB
+
+
+class AffinePermutation:
+    """i -> (a * i + b) mod n with a coprime to n: a seeded shuffle of a huge range that needs no memory."""
+
+    def __init__(self, n: int, rng: np.random.Generator):
+        self.n = n
+        self.a = int(rng.integers(1, max(n, 2)))
+        while math.gcd(self.a, n) != 1:
+            self.a = int(rng.integers(1, max(n, 2)))
+        self.b = int(rng.integers(0, n))
+
+    def __getitem__(self, i: int) -> int:
+        return (self.a * int(i) + self.b) % self.n
+
+
 class WindowSampler:
     """Batches of (input, target) windows: without replacement within an epoch, a function of the step."""
 
@@ -103,21 +124,29 @@ class WindowSampler:
         self._permutations: dict[int, np.ndarray] = {}
 
     def _permutation(self, epoch: int) -> np.ndarray:
+        if self.num_windows > EXACT_SHUFFLE_LIMIT:
+            return AffinePermutation(self.num_windows, np.random.default_rng([self.seed, epoch]))
         if epoch not in self._permutations:
             self._permutations = {e: p for e, p in self._permutations.items() if e >= epoch - 1}
             rng = np.random.default_rng([self.seed, epoch])
             self._permutations[epoch] = rng.permutation(self.num_windows)
         return self._permutations[epoch]
 
-    def starts(self, step: int) -> np.ndarray:
-        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        epochs, within = np.divmod(positions, self.num_windows)
+    def starts_at(self, first: int, count: int) -> np.ndarray:
+        """Window starts number first .. first + count - 1 of the endless stream of permutations."""
+        epochs, within = np.divmod(np.arange(first, first + count), self.num_windows)
         return np.array([self._permutation(int(e))[i] for e, i in zip(epochs, within)])
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        windows = self.ids[self.starts(step)[:, None] + self._offsets]  # (B, T+1)
+    def starts(self, step: int) -> np.ndarray:
+        return self.starts_at(step * self.batch_size, self.batch_size)
+
+    def windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = self.ids[starts[:, None] + self._offsets]  # (B, T+1)
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.windows(self.starts(step))
 
 
 class WindowDataset(Dataset):

@@ -39,8 +39,11 @@ class Score:
 
 
 def make_score(total_nats: float, tokens: int, documents: list[str]) -> Score:
-    chars = sum(len(d) for d in documents)
-    utf8_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    return score_from_counts(total_nats, tokens, sum(len(d) for d in documents),
+                             sum(len(d.encode("utf-8")) for d in documents))
+
+
+def score_from_counts(total_nats: float, tokens: int, chars: int, utf8_bytes: int) -> Score:
     loss = total_nats / max(tokens, 1)
     return Score(loss, math.exp(min(loss, 700.0)), total_nats / (chars * math.log(2)),
                  total_nats / (utf8_bytes * math.log(2)), tokens, chars)

@@ -20,6 +20,12 @@ from gpt.config import ModelConfig, UsageError
 from gpt.sampling import SamplingParams, sample_next
 
 
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad_idx: int | None) -> torch.Tensor:
+    """Mean cross-entropy of (B, T, vocab) logits against (B, T) next tokens; padding targets do not count."""
+    ignore = -100 if pad_idx is None else pad_idx
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore)
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, plus what each row needs to go on."""
 
@@ -187,9 +193,7 @@ class GPT(nn.Module):
         return allowed
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self(idx)
-        ignore = -100 if self.pad_idx is None else self.pad_idx
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore)
+        return lm_loss(self(idx), targets, self.pad_idx)
 
     @torch.no_grad()
     def stream(

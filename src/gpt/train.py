@@ -14,9 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from gpt import distributed
 from gpt.checkpoint import (
     TOKENIZER_FILE,
     configs_from,
@@ -28,10 +30,11 @@ from gpt.checkpoint import (
 )
 from gpt.config import ModelConfig, TrainConfig, UsageError
 from gpt.corpus import load_documents
-from gpt.dataset import TokenSplits, WindowSampler, check_lengths, prepare_splits, split_documents
-from gpt.evaluate import Score, make_score, total_nats, unigram_score
+from gpt.dataset import TokenSplits, WindowSampler, check_lengths, prepare_splits, split_documents, token_dtype
+from gpt.evaluate import Score, score_from_counts, total_nats, unigram_score
 from gpt.logs import MetricsLog, Progress, plot_losses
-from gpt.model import GPT
+from gpt.model import GPT, lm_loss
+from gpt.prepare import is_prepared, load_prepared
 from gpt.tokenizer import EOT, PAD, load_tokenizer, special_id, train_tokenizer
 
 
@@ -90,16 +93,20 @@ def learning_rate(step: int, progress: float, config: TrainConfig) -> float:
 
 
 class StopSignals:
-    """SIGINT and SIGTERM ask the loop to stop after the current step; a second one stops at once."""
+    """SIGINT and SIGTERM ask the loop to stop after the current step; the same signal again stops at once.
+
+    (Ctrl-C under torchrun delivers SIGINT, then the launcher's SIGTERM: that still saves.)
+    """
 
     def __init__(self):
         self.received: str | None = None
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
-        if self.received:
+        name = signal.Signals(signum).name
+        if self.received == name:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        self.received = self.received or name
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -141,120 +148,194 @@ def prepare_data(
             raise UsageError(f"the model config differs from the checkpoint's in {out}; resume without changes "
                              "to the model, or train into a new --out folder")
         data = data or info["data"]
-    documents = load_documents(data)
+    if is_prepared(data):  # shards from gpt prepare: their tokenizer, read in place
+        prepared_tokenizer, splits, _ = load_prepared(data)
+        if resume and prepared_tokenizer.to_str() != tokenizer.to_str():
+            raise UsageError(f"{data} was tokenized with another tokenizer than the run in {out}; resume on the "
+                             "data the run started with")
+        tokenizer = prepared_tokenizer
+    else:
+        documents = load_documents(data)
+        if not resume:
+            train_docs = split_documents(documents, train_config.val_fraction)[0]
+            tokenizer = train_tokenizer(train_docs, train_config.tokenizer_vocab_size)
+        splits = prepare_splits(documents, tokenizer, train_config.val_fraction, out / "data")
     if not resume:
-        train_docs = split_documents(documents, train_config.val_fraction)[0]
-        tokenizer = train_tokenizer(train_docs, train_config.tokenizer_vocab_size)
         model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), special_id(tokenizer, PAD)
-    splits = prepare_splits(documents, tokenizer, train_config.val_fraction, out / "data")
     check_lengths(splits, model_config.sequence_len)
     return tokenizer, splits, state, data
+
+
+def read_prepared(out: Path, data: str | None, model_config: ModelConfig) -> tuple[Tokenizer, TokenSplits]:
+    """What rank 0 prepared, as the other ranks of a torchrun job read it (the token files, not the text)."""
+    tokenizer = load_tokenizer(out / TOKENIZER_FILE)
+    model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), special_id(tokenizer, PAD)
+    data = data or read_config(out)["data"]
+    if is_prepared(data):
+        return tokenizer, load_prepared(data)[1]
+    dtype = token_dtype(model_config.vocab_size)
+    train_ids, val_ids = (np.memmap(out / "data" / f"{part}.bin", dtype=dtype, mode="r") for part in ("train", "val"))
+    return tokenizer, TokenSplits(train_ids, val_ids, [])
+
+
+def micro_seed(seed: int, step: int, micro_batch: int) -> int:
+    """Dropout masks are a function of the data position, so the split into processes and micro-steps
+    does not change the run, and a resumed run draws the same masks."""
+    return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def train(
     model_config: ModelConfig, train_config: TrainConfig, out: str | Path, data: str | None = None,
     resume: bool = False, show_progress: bool = True,
 ) -> RunResult:
-    """Train from scratch (or resume the run in `out`) and keep its checkpoint in `out`."""
+    """Train from scratch (or resume the run in `out`) and keep its checkpoint in `out`.
+
+    Under torchrun, every process calls this; rank 0 prepares the data, logs and saves.
+    """
     out = Path(out)
     train_config.validate()
     model_config.validate()
-    prepare_output(out)
-    tokenizer, splits, state, data = prepare_data(model_config, train_config, out, data, resume)
+    world, device = distributed.start(choose_device(train_config.device), train_config.fsdp)
+    try:
+        return _train(model_config, train_config, out, data, resume, show_progress and world.is_main, world, device)
+    finally:
+        distributed.stop(world)
+
+
+def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool,
+           show_progress: bool, world: distributed.World, device: torch.device) -> RunResult:
+    failure = None
+    if world.is_main:
+        try:
+            prepare_output(out)
+            tokenizer, splits, state, data = prepare_data(model_config, train_config, out, data, resume)
+            if not resume:
+                save_config(out, model_config, train_config, tokenizer, str(Path(data).resolve()) if data else "alice")
+        except UsageError as err:
+            failure = str(err)
+    failure = distributed.share(failure, world)  # also the barrier: the data is ready when this returns
+    if failure:
+        raise UsageError(failure)
+    if not world.is_main:
+        tokenizer, splits = read_prepared(out, data, model_config)
+        state = load_training_state(out) if resume else None
     eot = special_id(tokenizer, EOT)
 
-    device = choose_device(train_config.device)
     low_precision = autocast_dtype(device, train_config.dtype)
     torch.manual_seed(train_config.seed)
     model = GPT(config=model_config).to(device)
+    wrapped = distributed.wrap(model, world, device)
     optimizer = make_optimizer(model, train_config)
-    step, elapsed, best_val = 0, 0.0, math.inf
+    step, elapsed, best_val, windows_seen = 0, 0.0, math.inf, 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_state(wrapped, model, optimizer, state["model"], state["optimizer"], world)
         step, elapsed, best_val = state["step"], state["elapsed"], state["best_val_loss"]
+        windows_seen = state.get("windows_seen", step * train_config.batch_size)
         torch.set_rng_state(state["rng"])
-    else:
-        save_config(out, model_config, train_config, tokenizer, str(Path(data).resolve()) if data else "alice")
 
+    micro, accum = train_config.batch_size, train_config.grad_accum
+    global_batch = micro * accum * world.size
     say = print if show_progress else (lambda *a, **k: None)
-    unigram = unigram_score(splits.train, splits.val, splits.val_text, eot, model_config.vocab_size)
-    say(f"{model.num_params() / 1e6:.2f}M parameters | {len(splits.train):,} training tokens, "
-        f"{len(splits.val):,} validation tokens | device {device}"
-        f"{' bf16' if low_precision else ''} | a unigram model scores val loss {unigram.loss:.3f} "
-        f"({unigram.bits_per_char:.3f} bits/char)", file=sys.stderr)
+    if world.is_main:
+        unigram = unigram_score(splits.train, splits.val, splits.val_text, eot, model_config.vocab_size) \
+            if splits.val_text else None
+        say(f"{model.num_params() / 1e6:.2f}M parameters | {len(splits.train):,} training tokens, "
+            f"{len(splits.val):,} validation tokens | device {device}{' bf16' if low_precision else ''}"
+            + (f" | a unigram model scores val loss {unigram.loss:.3f} ({unigram.bits_per_char:.3f} bits/char)"
+               if unigram else ""), file=sys.stderr)
+    if world.size > 1 or accum > 1:
+        say(f"global batch {global_batch} windows = {micro} per micro-step x {accum} micro-steps x "
+            f"{world.size} processes{' (FSDP)' if world.fsdp else ''}", file=sys.stderr)
     if resume and run_progress(step, elapsed, train_config) >= 1.0:
         raise UsageError(f"the run in {out} already reached its limit (step {step}, {elapsed:.0f}s); pass a larger "
                          "--max-steps or --max-time to train further")
     if resume:
         say(f"resuming at step {step} ({elapsed:.0f}s already trained)", file=sys.stderr)
 
-    def validate() -> Score:
+    def validate() -> Score | None:
         nats, count = total_nats(model, splits.val, eot, train_config.eval_stride, autocast_dtype=low_precision)
-        return make_score(nats, count, splits.val_text)
+        return score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if world.is_main else None
 
     def checkpoint(val_loss: float | None) -> None:
         nonlocal best_val
+        model_state, optimizer_state = distributed.full_state(wrapped, model, optimizer, world)
+        if not world.is_main:
+            return
         if val_loss is not None and val_loss < best_val:
             best_val = val_loss
-            save_weights(out, model, {"step": str(step), "val_loss": f"{val_loss:.6f}"})
+            save_weights(out, model_state, {"step": str(step), "val_loss": f"{val_loss:.6f}"})
         save_training_state(out, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "elapsed": elapsed, "best_val_loss": best_val, "rng": torch.get_rng_state(),
+            "model": model_state, "optimizer": optimizer_state, "step": step, "elapsed": elapsed,
+            "best_val_loss": best_val, "windows_seen": windows_seen, "rng": torch.get_rng_state(),
         })
 
-    sampler = WindowSampler(splits.train, model_config.sequence_len, train_config.batch_size, train_config.seed)
-    tokens_per_step = train_config.batch_size * model_config.sequence_len
-    metrics = MetricsLog(out / "metrics.jsonl", resume_after_step=step if resume else None)
+    sampler = WindowSampler(splits.train, model_config.sequence_len, global_batch, train_config.seed)
+    tokens_per_step = global_batch * model_config.sequence_len
+    metrics = MetricsLog(out / "metrics.jsonl", resume_after_step=step if resume else None) if world.is_main else None
     bar = Progress(run_progress(step, elapsed, train_config), enabled=show_progress)
+    sync_every = train_config.log_interval if world.active else 1  # ranks agree on time and signals this often
     model.train()
     started = time.perf_counter() - elapsed
-    window_start, window_steps, val_loss = time.perf_counter(), 0, None
+    window_start, window_steps, val_loss, stopping = time.perf_counter(), 0, None, False
     with StopSignals() as stop:
         finished = run_progress(step, elapsed, train_config) >= 1.0
-        while not finished and not stop.received:
+        while not finished and not stopping:
             progress = run_progress(step, elapsed, train_config)
             lr = learning_rate(step, progress, train_config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = (t.to(device, non_blocking=True) for t in sampler.batch(step))
-            with torch.autocast(device.type, dtype=low_precision, enabled=low_precision is not None):
-                loss = model.loss(x, y)
-            loss.backward()
+            starts = sampler.starts_at(windows_seen, global_batch)
+            loss_sum = torch.zeros((), device=device)
+            for j in range(accum):
+                index = j * world.size + world.rank  # this rank's micro-batch within the global batch
+                x, y = (t.to(device, non_blocking=True) for t in sampler.windows(starts[index * micro:][:micro]))
+                torch.manual_seed(micro_seed(train_config.seed, step, index))
+                with distributed.gradient_sync(wrapped, world, enabled=j == accum - 1):
+                    with torch.autocast(device.type, dtype=low_precision, enabled=low_precision is not None):
+                        loss = lm_loss(wrapped(x), y, model_config.pad_idx)
+                    (loss / accum).backward()
+                loss_sum += loss.detach()
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_steps += 1
-            elapsed = time.perf_counter() - started
+            windows_seen += global_batch
+            if step % sync_every == 0 or (train_config.max_steps and step >= train_config.max_steps):
+                elapsed, signalled = distributed.agree([time.perf_counter() - started, float(bool(stop.received))],
+                                                       world)
+                stopping = signalled > 0
             finished = run_progress(step, elapsed, train_config) >= 1.0
-            ending = finished or stop.received is not None
+            ending = finished or stopping
             evaluating = step % train_config.eval_interval == 0 or ending
             if step % train_config.log_interval == 0 or evaluating:
-                train_loss = loss.item()
+                train_loss = distributed.average(loss_sum / accum, world).item()
                 if not math.isfinite(train_loss):
                     raise UsageError(f"the training loss became {train_loss} at step {step}; lower the "
                                      "learning rate (the last good checkpoint is kept)")
                 speed = window_steps * tokens_per_step / max(time.perf_counter() - window_start, 1e-9)
                 row = {"step": step, "train_loss": round(train_loss, 6), "lr": lr,
-                       "tokens_seen": step * tokens_per_step, "elapsed": round(elapsed, 3),
+                       "tokens_seen": windows_seen * model_config.sequence_len, "elapsed": round(elapsed, 3),
                        "tokens_per_s": round(speed)}
-                if evaluating:
-                    score = validate()
+                score = validate() if evaluating and (world.is_main or world.fsdp) else None  # FSDP: all ranks
+                if score is not None:
                     val_loss = score.loss
                     row.update(val_loss=round(score.loss, 6), val_bits_per_char=round(score.bits_per_char, 6))
-                metrics.write(row)
+                if world.is_main:
+                    metrics.write(row)
                 bar.update(run_progress(step, elapsed, train_config), step=step, loss=f"{train_loss:.3f}",
                            val="-" if val_loss is None else f"{val_loss:.3f}", tok_s=f"{speed:,.0f}")
             if evaluating or step % train_config.checkpoint_interval == 0:
                 checkpoint(val_loss if evaluating else None)
                 window_start, window_steps = time.perf_counter(), 0
     bar.close()
-    metrics.close()
-    plot_losses(out / "metrics.jsonl", out / "loss.png")
-    if stop.received:
-        say(f"stopped by {stop.received} at step {step}; checkpoint saved. Continue with: "
+    if world.is_main:
+        metrics.close()
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    interrupted_by = (stop.received or "SIGTERM") if stopping else None
+    if interrupted_by:
+        say(f"stopped by {interrupted_by} at step {step}; checkpoint saved. Continue with: "
             f"gpt train --resume --out {out}", file=sys.stderr)
     else:
         say(f"done: step {step}, best val loss {best_val:.4f}; checkpoint in {out}", file=sys.stderr)
-    return RunResult(step, best_val, stop.received)
+    return RunResult(step, best_val, interrupted_by)

@@ -1,0 +1,96 @@
+"""torchrun on CPU (gloo, 2 processes): the same run as one process with gradient accumulation, FSDP
+included, and an interrupted run that resumes exactly, on the same or another number of processes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gpt.checkpoint import load_checkpoint, load_training_state
+from gpt.cli import main
+
+pytestmark = pytest.mark.slow
+STEPS = 60
+CONFIG = """
+[model]
+dropout = 0.1   # dropout masks must not depend on how the batch is split
+[train]
+log_interval = 1
+eval_interval = 20
+"""
+
+
+def torchrun(*args: str, **popen) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "gpt", "train", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ,
+                            start_new_session=True, **popen)
+
+
+def finished(process: subprocess.Popen) -> str:
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    return err
+
+
+def losses(folder) -> dict[int, float]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["train_loss"] for row in rows}
+
+
+def assert_same_losses(a: dict[int, float], b: dict[int, float], tolerance: float, after: int = 0) -> None:
+    steps = [s for s in a if s > after]
+    assert steps and steps == [s for s in b if s > after]
+    worst = max(abs(a[s] - b[s]) for s in steps)
+    assert worst <= tolerance, worst
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One uninterrupted 2-process run and the same batches on one process with --grad-accum 2."""
+    root = tmp_path_factory.mktemp("distributed")
+    (root / "run.toml").write_text(CONFIG)
+    common = ["--preset", "tiny", "--config", str(root / "run.toml"), "--max-steps", str(STEPS)]
+    err = finished(torchrun(*common, "--out", str(root / "two")))
+    assert "global batch 16 windows = 8 per micro-step x 1 micro-steps x 2 processes" in err
+    assert main(["train", *common, "--grad-accum", "2", "--out", str(root / "one"),
+                 "--quiet"]) == 0
+    return root, common
+
+
+def test_two_processes_equal_one_process_with_accumulation(runs):
+    root, _ = runs
+    assert len(losses(root / "two")) == STEPS
+    assert_same_losses(losses(root / "two"), losses(root / "one"), 1e-4)
+
+
+def test_fsdp_trains_the_same_and_saves_a_full_checkpoint(runs):
+    root, common = runs
+    finished(torchrun(*common, "--fsdp", "--out", str(root / "fsdp")))
+    assert_same_losses(losses(root / "fsdp"), losses(root / "one"), 1e-4)
+    load_checkpoint(root / "fsdp")  # unsharded weights that one process loads
+
+
+def test_interrupted_run_resumes_exactly_on_two_or_one_processes(runs):
+    root, common = runs
+    out = root / "stopped"
+    process = torchrun(*common, "--out", str(out))
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "metrics.jsonl").is_file() or len(losses(out)) < 3:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches torchrun and every worker
+    _, err = process.communicate(timeout=120)
+    stopped_at = load_training_state(out)["step"]
+    assert "checkpoint saved" in err and 0 < stopped_at < STEPS
+    shutil.copytree(out, root / "stopped_copy")
+
+    finished(torchrun("--resume", "--out", str(out)))
+    assert_same_losses(losses(out), losses(root / "two"), 1e-6, after=stopped_at)
+
+    assert main(["train", "--resume", "--grad-accum", "2", "--out", str(root / "stopped_copy"), "--quiet"]) == 0
+    assert_same_losses(losses(root / "stopped_copy"), losses(root / "two"), 1e-4, after=stopped_at)
