@@ -78,6 +78,18 @@ def build_parser() -> ArgumentParser:
     imports = commands.add_parser("import", help="turn a transformers GPT-2 / OpenAI-GPT folder into a checkpoint")
     imports.add_argument("--from", dest="source", required=True, help="a transformers model folder")
     imports.add_argument("--out", required=True, help="the checkpoint folder to write")
+    serve = commands.add_parser("serve", help="serve a model over OpenAI's completions API, with a playground page")
+    serve.add_argument("--checkpoint", required=True, help="a folder written by gpt train")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one; default 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("GPT_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $GPT_API_KEY; none: no key needed)")
+    serve.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
+    serve.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    serve.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt accepted, in tokens")
+    serve.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice; 1 is often "
+                                                   "fastest for tiny models on a busy machine)")
+    add_device(serve)
     return parser
 
 
@@ -235,13 +247,41 @@ def run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from gpt.train import choose_device
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ModuleNotFoundError as err:
+        raise UsageError(f"gpt serve needs FastAPI and uvicorn ({err.name} is missing); install them with "
+                         f"pip install 'wonderland-gpt[serve]'") from None
+    from gpt.serve import serve
+    from gpt.serve_schema import Limits
+
+    if args.max_tokens < 1 or args.max_prompt_tokens < 1:
+        raise UsageError("--max-tokens and --max-prompt-tokens must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens)
+    serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key or None,
+          model_name=args.model_name, limits=limits, device=choose_device(args.device))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
         commands = {"train": run_train, "generate": run_generate, "eval": run_eval, "prepare": run_prepare,
-                    "export": run_export, "import": run_import}
+                    "export": run_export, "import": run_import, "serve": run_serve}
         return commands[args.command](args)
     except UsageError as err:
         if debug:
