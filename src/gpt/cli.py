@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -151,11 +152,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gpt: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return 0
+    except OSError as err:  # the disk or the system said no: still one line, the cause first
+        if debug:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        hint = {errno.ENOSPC: "free some disk space", errno.EACCES: "check the permissions",
+                errno.EROFS: "write somewhere else"}.get(err.errno, "check the path")
+        print(f"gpt: error: {err.strerror or err}{where}; {hint} and try again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ is the whole run's: a resumed run continues from the saved step and elapsed time
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -15,20 +16,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tokenizers import Tokenizer
 
 from gpt.checkpoint import (
+    CONFIG_FILE,
+    STATE_FILE,
     TOKENIZER_FILE,
+    WEIGHTS_FILE,
     configs_from,
     load_training_state,
     read_config,
+    remove_stale_temporaries,
     save_config,
     save_training_state,
     save_weights,
 )
 from gpt.config import ModelConfig, TrainConfig, UsageError
 from gpt.corpus import load_documents
-from gpt.dataset import TokenSplits, WindowSampler, check_lengths, prepare_splits, split_documents
+from gpt.dataset import TokenSplits, WindowSampler, check_lengths, prepare_splits, split_documents, write_tokens
 from gpt.evaluate import Score, make_score, total_nats, unigram_score
 from gpt.logs import MetricsLog, Progress, plot_losses
 from gpt.model import GPT
@@ -47,8 +53,10 @@ def choose_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name} was asked for but no CUDA GPU is available; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device mps was asked for but this PyTorch has no Apple GPU support here; use --device cpu")
     return torch.device(name)
 
 
@@ -111,16 +119,28 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def prepare_output(out: Path) -> None:
+def prepare_output(out: Path) -> list[Path]:
+    """Make sure `out` is a writable folder; returns the folders it had to create (removed again on bad input)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder path")
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
         raise UsageError(f"cannot write to {out} ({err.strerror}); pass a writable --out folder") from None
+    remove_stale_temporaries(out)
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def prepare_data(
@@ -146,8 +166,10 @@ def prepare_data(
         train_docs = split_documents(documents, train_config.val_fraction)[0]
         tokenizer = train_tokenizer(train_docs, train_config.tokenizer_vocab_size)
         model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), special_id(tokenizer, PAD)
-    splits = prepare_splits(documents, tokenizer, train_config.val_fraction, out / "data")
+    splits = prepare_splits(documents, tokenizer, train_config.val_fraction)
     check_lengths(splits, model_config.sequence_len)
+    splits.train = write_tokens(out / "data" / "train.bin", splits.train)
+    splits.val = write_tokens(out / "data" / "val.bin", splits.val)
     return tokenizer, splits, state, data
 
 
@@ -159,21 +181,32 @@ def train(
     out = Path(out)
     train_config.validate()
     model_config.validate()
-    prepare_output(out)
-    tokenizer, splits, state, data = prepare_data(model_config, train_config, out, data, resume)
+    if train_config.eval_stride is not None and train_config.eval_stride > model_config.sequence_len:
+        raise UsageError(f"train.eval_stride ({train_config.eval_stride}) must not exceed model.sequence_len "
+                         f"({model_config.sequence_len})")
+    device = choose_device(train_config.device)
+    created = prepare_output(out)
+    try:
+        tokenizer, splits, state, data = prepare_data(model_config, train_config, out, data, resume)
+    except UsageError:
+        remove_empty(created)
+        raise
     eot = special_id(tokenizer, EOT)
 
-    device = choose_device(train_config.device)
     low_precision = autocast_dtype(device, train_config.dtype)
     torch.manual_seed(train_config.seed)
     model = GPT(config=model_config).to(device)
     optimizer = make_optimizer(model, train_config)
     step, elapsed, best_val = 0, 0.0, math.inf
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"{out / STATE_FILE} does not fit the model in {out / CONFIG_FILE} "
+                             f"({first_line(err)}); train again without --resume") from None
         step, elapsed, best_val = state["step"], state["elapsed"], state["best_val_loss"]
-        torch.set_rng_state(state["rng"])
     else:
         save_config(out, model_config, train_config, tokenizer, str(Path(data).resolve()) if data else "alice")
 
@@ -189,19 +222,34 @@ def train(
     if resume:
         say(f"resuming at step {step} ({elapsed:.0f}s already trained)", file=sys.stderr)
 
-    def validate() -> Score:
-        nats, count = total_nats(model, splits.val, eot, train_config.eval_stride, autocast_dtype=low_precision)
+    def validate() -> Score | None:
+        """A failed validation (out of memory, say) costs one score, never the run."""
+        try:
+            nats, count = total_nats(model, splits.val, eot, train_config.eval_stride, autocast_dtype=low_precision)
+        except Exception as err:
+            print(f"warning: validation failed at step {step} ({first_line(err)}); training goes on and the "
+                  "checkpoint is still saved", file=sys.stderr)
+            return None
         return make_score(nats, count, splits.val_text)
 
-    def checkpoint(val_loss: float | None) -> None:
+    def checkpoint(val_loss: float | None, validation_failed: bool) -> None:
         nonlocal best_val
-        if val_loss is not None and val_loss < best_val:
-            best_val = val_loss
-            save_weights(out, model, {"step": str(step), "val_loss": f"{val_loss:.6f}"})
-        save_training_state(out, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "elapsed": elapsed, "best_val_loss": best_val, "rng": torch.get_rng_state(),
-        })
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise UsageError(diverged(f"the weights became NaN or infinite at step {step}", out))
+        try:
+            if val_loss is not None and val_loss < best_val:
+                save_weights(out, model, {"step": str(step), "val_loss": f"{val_loss:.6f}"})
+                best_val = val_loss
+            elif validation_failed and not (out / WEIGHTS_FILE).exists():  # keep the run usable
+                save_weights(out, model, {"step": str(step), "val_loss": "unknown"})
+            save_training_state(out, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "elapsed": elapsed, "best_val_loss": best_val, "rng": torch.get_rng_state(),
+            })
+        except (OSError, RuntimeError, SafetensorError) as err:
+            raise UsageError(f"could not save the checkpoint in {out} at step {step} ({first_line(err)}); the "
+                             "previous checkpoint is kept: free disk space (or fix the folder), then continue "
+                             f"with gpt train --resume --out {out}") from None
 
     sampler = WindowSampler(splits.train, model_config.sequence_len, train_config.batch_size, train_config.seed)
     tokens_per_step = train_config.batch_size * model_config.sequence_len
@@ -210,7 +258,7 @@ def train(
     model.train()
     started = time.perf_counter() - elapsed
     window_start, window_steps, val_loss = time.perf_counter(), 0, None
-    with StopSignals() as stop:
+    with StopSignals() as stop, metrics, bar:
         finished = run_progress(step, elapsed, train_config) >= 1.0
         while not finished and not stop.received:
             progress = run_progress(step, elapsed, train_config)
@@ -228,29 +276,29 @@ def train(
             window_steps += 1
             elapsed = time.perf_counter() - started
             finished = run_progress(step, elapsed, train_config) >= 1.0
-            ending = finished or stop.received is not None
-            evaluating = step % train_config.eval_interval == 0 or ending
-            if step % train_config.log_interval == 0 or evaluating:
-                train_loss = loss.item()
-                if not math.isfinite(train_loss):
-                    raise UsageError(f"the training loss became {train_loss} at step {step}; lower the "
-                                     "learning rate (the last good checkpoint is kept)")
+            evaluating = step % train_config.eval_interval == 0 or finished or stop.received is not None
+            logging = step % train_config.log_interval == 0 or evaluating
+            saving = evaluating or step % train_config.checkpoint_interval == 0
+            if not (logging or saving):
+                continue
+            train_loss = loss.item()
+            if not math.isfinite(train_loss):
+                raise UsageError(diverged(f"the training loss became {train_loss} at step {step}", out))
+            score = validate() if evaluating else None
+            if logging:
                 speed = window_steps * tokens_per_step / max(time.perf_counter() - window_start, 1e-9)
                 row = {"step": step, "train_loss": round(train_loss, 6), "lr": lr,
                        "tokens_seen": step * tokens_per_step, "elapsed": round(elapsed, 3),
                        "tokens_per_s": round(speed)}
-                if evaluating:
-                    score = validate()
+                if score is not None:
                     val_loss = score.loss
                     row.update(val_loss=round(score.loss, 6), val_bits_per_char=round(score.bits_per_char, 6))
                 metrics.write(row)
                 bar.update(run_progress(step, elapsed, train_config), step=step, loss=f"{train_loss:.3f}",
                            val="-" if val_loss is None else f"{val_loss:.3f}", tok_s=f"{speed:,.0f}")
-            if evaluating or step % train_config.checkpoint_interval == 0:
-                checkpoint(val_loss if evaluating else None)
+            if saving:
+                checkpoint(score.loss if score else None, validation_failed=evaluating and score is None)
                 window_start, window_steps = time.perf_counter(), 0
-    bar.close()
-    metrics.close()
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     if stop.received:
         say(f"stopped by {stop.received} at step {step}; checkpoint saved. Continue with: "
@@ -258,3 +306,13 @@ def train(
     else:
         say(f"done: step {step}, best val loss {best_val:.4f}; checkpoint in {out}", file=sys.stderr)
     return RunResult(step, best_val, stop.received)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def diverged(what: str, out: Path) -> str:
+    return (f"{what}; training stopped and the last good checkpoint in {out} is kept: lower train.learning_rate "
+            "(or raise train.warmup_steps) in a --config file and train again")
