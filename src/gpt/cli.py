@@ -60,12 +60,12 @@ def build_parser() -> ArgumentParser:
 
 
 def train_configs(args: argparse.Namespace):
-    from gpt.checkpoint import configs_from, read_config
-
     model_config, train_config = preset(args.preset or DEFAULT_PRESET)
     if args.config:
         apply_overrides(model_config, train_config, load_toml(args.config))
     if args.resume:  # the saved configuration wins; a different model is refused by train()
+        from gpt.checkpoint import configs_from, read_config
+
         stored_model, train_config = configs_from(read_config(Path(args.out)), Path(args.out))
         if not (args.preset or args.config):
             model_config = stored_model
@@ -82,10 +82,12 @@ def train_configs(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from gpt.train import train
-
     args.out = args.out or f"runs/{args.preset or DEFAULT_PRESET}"
     model_config, train_config = train_configs(args)
+    model_config.validate()
+    train_config.validate()
+    from gpt.train import train  # after the checks above: importing torch takes seconds
+
     result = train(model_config, train_config, args.out, data=args.data, resume=args.resume,
                    show_progress=not args.quiet)
     return {"SIGINT": 130, "SIGTERM": 143}.get(result.interrupted_by, 0)

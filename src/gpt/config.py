@@ -80,6 +80,8 @@ class TrainConfig:
                 raise UsageError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
         if self.tokenizer_vocab_size < 258:
             raise UsageError("train.tokenizer_vocab_size must be at least 258 (256 bytes + 2 special tokens)")
+        if self.tokenizer_vocab_size > 2**32:
+            raise UsageError("train.tokenizer_vocab_size must be at most 2**32 (token files store 32-bit ids)")
         if self.learning_rate <= 0:
             raise UsageError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if self.max_steps is not None and self.max_steps <= 0:

@@ -100,6 +100,8 @@ def load_documents(source: str | Path | None = None) -> list[str]:
         documents = [read_text_file(p) for p in files]
     elif path.is_file():
         documents = [read_text_file(path)]
+    elif path.exists():
+        raise UsageError(f"{path} is not a regular file or folder; pass a text file or a folder of .txt files")
     else:
         raise UsageError(f"{path} does not exist; pass an existing text file or folder")
     documents = [d for d in documents if d.strip()]
