@@ -13,7 +13,7 @@ from gpt.config import DEFAULT_PRESET, PRESETS, UsageError, apply_overrides, loa
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
-        raise UsageError(f"{message} (see gpt {self.prog.split()[-1]} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
