@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -79,13 +78,13 @@ def test_zero_new_tokens_prints_the_prompt(capsys, checkpoint):
 
 @pytest.mark.slow
 def test_huge_max_new_tokens_streams_until_interrupted(checkpoint):
+    """Greedy decoding of the briefly trained test model never picks end-of-text: the text only ends by Ctrl-C."""
     command = [sys.executable, "-m", "gpt", "generate", "--checkpoint", checkpoint, "Alice",
-               "--max-new-tokens", str(10**15), "--temperature", "1.5", "--seed", "0"]
+               "--max-new-tokens", str(10**15), "--temperature", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
-    first = process.stdout.read(300)  # text arrives as it is generated, not at the end
-    time.sleep(1)
+    first = process.stdout.read(3000)  # text arrives as it is generated, not at the end
+    assert process.poll() is None
     process.send_signal(signal.SIGINT)
     rest, err = process.communicate(timeout=60)
-    assert first.startswith("Alice") and len(first + rest) > 300
+    assert first.startswith("Alice") and len(first) == 3000
     assert process.returncode == 130 and "Traceback" not in err
-

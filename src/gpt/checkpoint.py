@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from gpt.config import ModelConfig, TrainConfig, UsageError
+from gpt.config import ModelConfig, TrainConfig, UsageError, apply_overrides
 from gpt.model import GPT
 from gpt.tokenizer import load_tokenizer, tokenizer_info
 
@@ -31,6 +31,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, STATE_FILE = (
     "config.json", "model.safetensors", "tokenizer.json", "training_state.pt",
 )
+STATE_KEYS = {"model", "optimizer", "step", "elapsed", "best_val_loss", "rng"}
 
 
 def package_version() -> str:
@@ -109,20 +110,26 @@ def read_config(folder: Path) -> dict:
     except (ValueError, UnicodeDecodeError) as err:
         raise UsageError(f"{path} is not valid JSON ({err}); the checkpoint is damaged") from None
     found = info.get("format_version")
-    if not isinstance(found, int) or found > FORMAT_VERSION:
-        raise UsageError(
-            f"{path} has format version {found!r}; this wonderland-gpt reads up to {FORMAT_VERSION}: upgrade it"
-        )
+    if isinstance(found, int) and not isinstance(found, bool) and found > FORMAT_VERSION:
+        raise UsageError(f"{path} has format version {found}, newer than this wonderland-gpt reads "
+                         f"({FORMAT_VERSION}); upgrade it: pip install -U wonderland-gpt")
+    if found != FORMAT_VERSION or isinstance(found, bool):
+        raise UsageError(f"{path} has format version {found!r}, not {FORMAT_VERSION}; the checkpoint is damaged "
+                         "or not made by gpt train")
     return info
 
 
 def configs_from(info: dict, path: Path) -> tuple[ModelConfig, TrainConfig]:
+    """The saved configs, checked key by key and type by type like a --config file."""
+    model_config, train_config = ModelConfig(), TrainConfig()
     try:
-        model_config = ModelConfig(**info["model"])
-        train_config = TrainConfig(**info["train"])
-    except (KeyError, TypeError) as err:
-        raise UsageError(f"{path / CONFIG_FILE} has a bad model or train section ({err})") from None
-    model_config.validate()
+        if not isinstance(info.get("model"), dict) or not isinstance(info.get("train"), dict):
+            raise UsageError("the model or train section is missing")
+        apply_overrides(model_config, train_config, {"model": info["model"], "train": info["train"]})
+        model_config.validate()
+        train_config.validate()
+    except UsageError as err:
+        raise UsageError(f"{path / CONFIG_FILE} is damaged ({err}); re-create the checkpoint with gpt train") from None
     return model_config, train_config
 
 
@@ -132,15 +139,24 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> C
     info = read_config(folder)
     model_config, train_config = configs_from(info, folder)
     tokenizer = load_tokenizer(folder / TOKENIZER_FILE)
-    if tokenizer.get_vocab_size() != model_config.vocab_size:
-        raise UsageError(
-            f"{folder / TOKENIZER_FILE} has {tokenizer.get_vocab_size()} tokens but the model expects "
-            f"{model_config.vocab_size}; the tokenizer belongs to another checkpoint"
-        )
+    check_tokenizer(tokenizer, model_config, info, folder)
     model = GPT(config=model_config)
     load_weights(model, folder / WEIGHTS_FILE)
     model.to(device).eval()
     return Checkpoint(model, tokenizer, model_config, train_config, info)
+
+
+def check_tokenizer(tokenizer: Tokenizer, model_config: ModelConfig, info: dict, folder: Path) -> None:
+    """The tokenizer must be the one the weights learned: same size and, where recorded, same merges."""
+    path = folder / TOKENIZER_FILE
+    if tokenizer.get_vocab_size() != model_config.vocab_size:
+        raise UsageError(f"{path} has {tokenizer.get_vocab_size()} tokens but the model expects "
+                         f"{model_config.vocab_size}; the tokenizer belongs to another checkpoint: put back this "
+                         "run's tokenizer.json")
+    recorded = info.get("tokenizer", {}).get("sha256_of_json") if isinstance(info.get("tokenizer"), dict) else None
+    if recorded is not None and recorded != tokenizer_info(tokenizer)["sha256_of_json"]:
+        raise UsageError(f"{path} is not the tokenizer these weights were trained with (its fingerprint differs "
+                         f"from {CONFIG_FILE}'s); put back this run's tokenizer.json")
 
 
 def load_weights(model: GPT, path: Path) -> None:
@@ -162,6 +178,30 @@ def load_training_state(folder: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"no training state in {folder} to resume from; start without --resume")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for damaged files
-        raise UsageError(f"{path} cannot be read ({err}); the training state is damaged") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{path} cannot be read ({first}); the training state is damaged: train again "
+                         "without --resume") from None
+    if not isinstance(state, dict) or not STATE_KEYS <= set(state):
+        raise UsageError(f"{path} lacks parts of a training state; it is damaged: train again without --resume")
+    return state
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Drop half-written files that a killed run left behind (see atomic_write); a live writer's are kept."""
+    for path in Path(folder).glob(".*.tmp*"):
+        pid = path.name.rpartition(".tmp")[2]
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+            continue
+        path.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours
+        return True
+    return True

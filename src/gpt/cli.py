@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from gpt.config import DEFAULT_PRESET, PRESETS, UsageError, apply_overrides, loa
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
-        raise UsageError(f"{message} (see gpt {self.prog.split()[-1]} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
@@ -121,10 +122,12 @@ def train_configs(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from gpt.train import train
-
     args.out = args.out or f"runs/{args.preset or DEFAULT_PRESET}"
     model_config, train_config = train_configs(args)
+    model_config.validate()
+    train_config.validate()
+    from gpt.train import train  # after the checks above: importing torch takes seconds
+
     result = train(model_config, train_config, args.out, data=args.data, resume=args.resume,
                    show_progress=not args.quiet, init_from=args.init_from)
     return {"SIGINT": 130, "SIGTERM": 143}.get(result.interrupted_by, 0)
@@ -289,11 +292,19 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
             print(f"gpt: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return 0
+    except OSError as err:  # the disk or the system said no: still one line, the cause first
+        if debug:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        hint = {errno.ENOSPC: "free some disk space", errno.EACCES: "check the permissions",
+                errno.EROFS: "write somewhere else"}.get(err.errno, "check the path")
+        print(f"gpt: error: {err.strerror or err}{where}; {hint} and try again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

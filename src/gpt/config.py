@@ -7,6 +7,7 @@ trained). They are passed down explicitly and saved verbatim in every checkpoint
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -82,6 +83,8 @@ class TrainConfig:
                 raise UsageError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
         if self.tokenizer_vocab_size < 258:
             raise UsageError("train.tokenizer_vocab_size must be at least 258 (256 bytes + 2 special tokens)")
+        if self.tokenizer_vocab_size > 2**32:
+            raise UsageError("train.tokenizer_vocab_size must be at most 2**32 (token files store 32-bit ids)")
         if self.learning_rate <= 0:
             raise UsageError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if self.max_steps is not None and self.max_steps <= 0:
@@ -96,6 +99,28 @@ class TrainConfig:
             raise UsageError(f"train.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UsageError(f"train.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Values a typo can make absurd: NaN or infinite numbers, negative counts, betas outside [0, 1)."""
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"train.{item.name} must be a finite number, got {value}")
+        for name in ("warmup_steps", "seed", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"train.{name} must be zero or more, got {getattr(self, name)}")
+        if self.seed >= 2**63:
+            raise UsageError(f"train.seed must be below 2**63, got {self.seed}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UsageError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UsageError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.grad_clip <= 0:
+            raise UsageError(f"train.grad_clip must be positive, got {self.grad_clip}")
 
 
 @dataclass

@@ -97,6 +97,8 @@ def text_files(path: Path) -> list[Path]:
         return files
     if path.is_file():
         return [path]
+    if path.exists():
+        raise UsageError(f"{path} is not a regular file or folder; pass a text file or a folder of .txt files")
     raise UsageError(f"{path} does not exist; pass an existing text file or folder")
 
 

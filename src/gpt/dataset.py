@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
 from gpt.config import UsageError
-from gpt.tokenizer import EOT, encode, special_id
+from gpt.tokenizer import EOT, encode, special_id, text_chunks
 
 
 def split_documents(documents: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
@@ -44,11 +44,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
-    """[EOT] + ids of each document, concatenated."""
-    eot = special_id(tokenizer, EOT)
-    pieces = [np.array([eot] + encode(tokenizer, doc), dtype=np.int64) for doc in documents]
-    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    return ids.astype(token_dtype(tokenizer.get_vocab_size()))
+    """[EOT] + ids of each document, concatenated; long documents are encoded piece by piece to bound memory."""
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    eot = np.array([special_id(tokenizer, EOT)], dtype=dtype)
+    pieces = []
+    for doc in documents:
+        pieces.append(eot)
+        pieces += [np.array(encode(tokenizer, chunk), dtype=dtype) for chunk in text_chunks(doc)]
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 
 def write_tokens(path: Path, ids: np.ndarray) -> np.ndarray:

@@ -53,6 +53,12 @@ class Progress:
     def close(self) -> None:
         self.bar.close()
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class MetricsLog:
     """One JSON object per logged step, flushed as written so a crash loses nothing."""
@@ -72,6 +78,12 @@ class MetricsLog:
 
     def close(self) -> None:
         self.handle.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -18,6 +19,26 @@ from gpt.config import UsageError
 PAD = "[PAD]"
 EOT = "<|endoftext|>"
 SPECIAL_TOKENS = (PAD, EOT)
+CHUNK_CHARS = 1 << 20
+_CUT = re.compile(r" (?=\S)")  # the byte-level pre-tokenizer always starts a piece at a space before a non-space
+
+
+def text_chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
+    """Pieces of about `size` characters that tokenize, one by one, to exactly the ids of the whole.
+
+    A long text (a 50 MB file with no line breaks) encoded in one call takes gigabytes of memory;
+    cut just before a space that precedes a non-space, where a pre-token boundary lies anyway,
+    the pieces give the same ids. A text with no such space in reach is cut at `size` characters:
+    still lossless, though merges across that cut are lost.
+    """
+    begin = 0
+    while len(text) - begin > size:
+        cut = _CUT.search(text, begin + size, begin + 2 * size)
+        end = cut.start() if cut else begin + size
+        yield text[begin:end]
+        begin = end
+    if begin < len(text):
+        yield text[begin:]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
@@ -31,7 +52,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator((piece for text in texts for piece in text_chunks(text)), trainer=trainer)
     tokenizer.encode_special_tokens = True  # text that spells "<|endoftext|>" stays text
     return tokenizer
 

@@ -7,6 +7,7 @@ is the whole run's: a resumed run continues from the saved step and elapsed time
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -16,28 +17,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
+from safetensors import SafetensorError
 
 from gpt import distributed
 from gpt.checkpoint import (
-    TOKENIZER_FILE,
+    CONFIG_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
     Checkpoint,
-    configs_from,
-    load_checkpoint,
     load_training_state,
-    read_config,
     save_config,
     save_training_state,
     save_weights,
 )
 from gpt.config import ModelConfig, TrainConfig, UsageError
-from gpt.corpus import load_documents
-from gpt.dataset import TokenSplits, WindowSampler, check_lengths, prepare_splits, split_documents, token_dtype
+from gpt.dataset import WindowSampler
 from gpt.evaluate import Score, score_from_counts, total_nats, unigram_score
 from gpt.logs import MetricsLog, Progress, plot_losses
 from gpt.model import GPT, lm_loss
-from gpt.prepare import is_prepared, load_prepared
-from gpt.tokenizer import EOT, PAD, load_tokenizer, special_id, train_tokenizer
+from gpt.runfolder import load_initial, prepare_data, prepare_output, read_prepared, remove_empty
+from gpt.tokenizer import EOT, special_id
 
 
 @dataclass
@@ -52,8 +51,10 @@ def choose_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name} was asked for but no CUDA GPU is available; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device mps was asked for but this PyTorch has no Apple GPU support here; use --device cpu")
     return torch.device(name)
 
 
@@ -120,89 +121,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def prepare_output(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; pass a folder path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"cannot write to {out} ({err.strerror}); pass a writable --out folder") from None
-
-
-def load_initial(init_from: str | Path, model_config: ModelConfig, out: Path, resume: bool) -> Checkpoint:
-    """The checkpoint a fine-tuning run starts from; its model shape must be the one asked for.
-
-    Only dropout may differ: it changes training, not the shape of the weights.
-    """
-    if resume:
-        raise UsageError("--init-from starts a new run and --resume continues one; pass only one of them")
-    if out.resolve() == Path(init_from).resolve():
-        raise UsageError(f"--out {out} is the --init-from checkpoint; train into a new --out folder")
-    initial = load_checkpoint(init_from)
-    stored = initial.model_config
-    model_config.vocab_size, model_config.pad_idx = stored.vocab_size, stored.pad_idx  # the tokenizer's
-    differs = [f"{name} {getattr(model_config, name)} vs {getattr(stored, name)}" for name in
-               ("sequence_len", "num_layers", "embed_dim", "num_heads", "forward_expansion", "arch")
-               if getattr(model_config, name) != getattr(stored, name)]
-    if differs:
-        raise UsageError(f"the model shape differs from the --init-from checkpoint's ({', '.join(differs)}); "
-                         "drop --preset/--config model changes to fine-tune it as it is")
-    return initial
-
-
-def prepare_data(
-    model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool,
-    tokenizer: Tokenizer | None = None,
-) -> tuple[Tokenizer, TokenSplits, dict | None, str | None]:
-    """Tokenizer (trained, the run's own when resuming, or the given one), token splits, saved state and source.
-
-    Fills in the model's vocabulary size and padding id, which the tokenizer decides.
-    """
-    state = None
-    if resume:
-        info = read_config(out)
-        stored_model, _ = configs_from(info, out)
-        state = load_training_state(out)
-        tokenizer = load_tokenizer(out / TOKENIZER_FILE)
-        model_config.vocab_size, model_config.pad_idx = stored_model.vocab_size, stored_model.pad_idx
-        if model_config != stored_model:
-            raise UsageError(f"the model config differs from the checkpoint's in {out}; resume without changes "
-                             "to the model, or train into a new --out folder")
-        data = data or info["data"]
-    if is_prepared(data):  # shards from gpt prepare: their tokenizer, read in place
-        prepared_tokenizer, splits, _ = load_prepared(data)
-        if tokenizer is not None and prepared_tokenizer.to_str() != tokenizer.to_str():
-            owner = f"the run in {out}" if resume else "the --init-from checkpoint"
-            raise UsageError(f"{data} was tokenized with another tokenizer than {owner}; prepare the data with "
-                             "gpt prepare --tokenizer CHECKPOINT/tokenizer.json")
-        tokenizer = prepared_tokenizer
-    else:
-        documents = load_documents(data)
-        if tokenizer is None:
-            train_docs = split_documents(documents, train_config.val_fraction)[0]
-            tokenizer = train_tokenizer(train_docs, train_config.tokenizer_vocab_size)
-        splits = prepare_splits(documents, tokenizer, train_config.val_fraction, out / "data")
-    if not resume:
-        model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), tokenizer.token_to_id(PAD)
-    check_lengths(splits, model_config.sequence_len)
-    return tokenizer, splits, state, data
-
-
-def read_prepared(out: Path, data: str | None, model_config: ModelConfig) -> tuple[Tokenizer, TokenSplits]:
-    """What rank 0 prepared, as the other ranks of a torchrun job read it (the token files, not the text)."""
-    tokenizer = load_tokenizer(out / TOKENIZER_FILE)
-    model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), tokenizer.token_to_id(PAD)
-    data = data or read_config(out)["data"]
-    if is_prepared(data):
-        return tokenizer, load_prepared(data)[1]
-    dtype = token_dtype(model_config.vocab_size)
-    train_ids, val_ids = (np.memmap(out / "data" / f"{part}.bin", dtype=dtype, mode="r") for part in ("train", "val"))
-    return tokenizer, TokenSplits(train_ids, val_ids, [])
-
-
 def micro_seed(seed: int, step: int, micro_batch: int) -> int:
     """Dropout masks are a function of the data position, so the split into processes and micro-steps
     does not change the run, and a resumed run draws the same masks."""
@@ -215,14 +133,16 @@ def train(
 ) -> RunResult:
     """Train from scratch (or resume the run in `out`) and keep its checkpoint in `out`.
 
-    Under torchrun, every process calls this; rank 0 prepares the data, logs and saves.
-
     `init_from` fine-tunes: the weights, model config and tokenizer of that checkpoint, trained on `data`
-    with a fresh optimizer and schedule.
+    with a fresh optimizer and schedule. Under torchrun, every process calls this; rank 0 prepares the
+    data, logs and saves.
     """
     out = Path(out)
     train_config.validate()
     model_config.validate()
+    if train_config.eval_stride is not None and train_config.eval_stride > model_config.sequence_len:
+        raise UsageError(f"train.eval_stride ({train_config.eval_stride}) must not exceed model.sequence_len "
+                         f"({model_config.sequence_len})")
     initial = None if init_from is None else load_initial(init_from, model_config, out, resume)
     if initial is not None:
         train_config.tokenizer_vocab_size = initial.tokenizer.get_vocab_size()
@@ -239,15 +159,16 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
            initial: Checkpoint | None, init_from: str | Path | None) -> RunResult:
     failure = None
     if world.is_main:
+        created = prepare_output(out)
         try:
-            prepare_output(out)
             tokenizer, splits, state, data = prepare_data(model_config, train_config, out, data, resume,
                                                           initial.tokenizer if initial else None)
-            if not resume:
+            if not resume:  # before the barrier: the other ranks read the tokenizer from it
                 source = {"init_from": str(Path(init_from).resolve())} if init_from is not None else None
                 save_config(out, model_config, train_config, tokenizer, str(Path(data).resolve()) if data else "alice",
                             extra=source)
         except UsageError as err:
+            remove_empty(created)
             failure = str(err)
     failure = distributed.share(failure, world)  # also the barrier: the data is ready when this returns
     if failure:
@@ -264,10 +185,14 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     optimizer = make_optimizer(model, train_config)
     step, elapsed, best_val, windows_seen = 0, 0.0, math.inf, 0
     if state is not None:
-        distributed.load_state(wrapped, model, optimizer, state["model"], state["optimizer"], world)
+        try:
+            distributed.load_state(wrapped, model, optimizer, state["model"], state["optimizer"], world)
+            torch.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"{out / STATE_FILE} does not fit the model in {out / CONFIG_FILE} "
+                             f"({first_line(err)}); train again without --resume") from None
         step, elapsed, best_val = state["step"], state["elapsed"], state["best_val_loss"]
         windows_seen = state.get("windows_seen", step * train_config.batch_size)
-        torch.set_rng_state(state["rng"])
     elif initial is not None:
         model.load_state_dict(initial.model.state_dict())
 
@@ -290,22 +215,42 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     if resume:
         say(f"resuming at step {step} ({elapsed:.0f}s already trained)", file=sys.stderr)
 
-    def validate() -> Score | None:
-        nats, count = total_nats(model, splits.val, eot, train_config.eval_stride, autocast_dtype=low_precision)
-        return score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if world.is_main else None
+    def validate() -> tuple[Score | None, bool]:
+        """(score on rank 0, whether it worked): a failed validation (out of memory, say) never costs the run."""
+        try:
+            nats, count = total_nats(model, splits.val, eot, train_config.eval_stride, autocast_dtype=low_precision)
+        except Exception as err:
+            if world.is_main:
+                print(f"warning: validation failed at step {step} ({first_line(err)}); training goes on and the "
+                      "checkpoint is still saved", file=sys.stderr)
+            return None, False
+        return (score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if world.is_main else None), True
 
-    def checkpoint(val_loss: float | None) -> None:
+    def checkpoint(val_loss: float | None, validation_failed: bool) -> None:
         nonlocal best_val
+        broken = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        if distributed.agree([float(broken)], world)[0]:
+            raise UsageError(diverged(f"the weights became NaN or infinite at step {step}", out))
         model_state, optimizer_state = distributed.full_state(wrapped, model, optimizer, world)
-        if not world.is_main:
-            return
-        if val_loss is not None and val_loss < best_val:
-            best_val = val_loss
-            save_weights(out, model_state, {"step": str(step), "val_loss": f"{val_loss:.6f}"})
-        save_training_state(out, {
-            "model": model_state, "optimizer": optimizer_state, "step": step, "elapsed": elapsed,
-            "best_val_loss": best_val, "windows_seen": windows_seen, "rng": torch.get_rng_state(),
-        })
+        failure = None
+        if world.is_main:
+            try:
+                if val_loss is not None and val_loss < best_val:
+                    save_weights(out, model_state, {"step": str(step), "val_loss": f"{val_loss:.6f}"})
+                    best_val = val_loss
+                elif validation_failed and not (out / WEIGHTS_FILE).exists():  # keep the run usable
+                    save_weights(out, model_state, {"step": str(step), "val_loss": "unknown"})
+                save_training_state(out, {
+                    "model": model_state, "optimizer": optimizer_state, "step": step, "elapsed": elapsed,
+                    "best_val_loss": best_val, "windows_seen": windows_seen, "rng": torch.get_rng_state(),
+                })
+            except (OSError, RuntimeError, SafetensorError) as err:
+                failure = (f"could not save the checkpoint in {out} at step {step} ({first_line(err)}); the previous "
+                           f"checkpoint is kept: free disk space (or fix the folder), then continue with gpt train "
+                           f"--resume --out {out}")
+        failure = distributed.share(failure, world)
+        if failure:
+            raise UsageError(failure)
 
     sampler = WindowSampler(splits.train, model_config.sequence_len, global_batch, train_config.seed)
     tokens_per_step = global_batch * model_config.sequence_len
@@ -315,7 +260,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     model.train()
     started = time.perf_counter() - elapsed
     window_start, window_steps, val_loss, stopping = time.perf_counter(), 0, None, False
-    with StopSignals() as stop:
+    with StopSignals() as stop, metrics or contextlib.nullcontext(), bar:
         finished = run_progress(step, elapsed, train_config) >= 1.0
         while not finished and not stopping:
             progress = run_progress(step, elapsed, train_config)
@@ -344,18 +289,20 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                                                        world)
                 stopping = signalled > 0
             finished = run_progress(step, elapsed, train_config) >= 1.0
-            ending = finished or stopping
-            evaluating = step % train_config.eval_interval == 0 or ending
-            if step % train_config.log_interval == 0 or evaluating:
-                train_loss = distributed.average(loss_sum / accum, world).item()
-                if not math.isfinite(train_loss):
-                    raise UsageError(f"the training loss became {train_loss} at step {step}; lower the "
-                                     "learning rate (the last good checkpoint is kept)")
+            evaluating = step % train_config.eval_interval == 0 or finished or stopping
+            logging = step % train_config.log_interval == 0 or evaluating
+            saving = evaluating or step % train_config.checkpoint_interval == 0
+            if not (logging or saving):
+                continue
+            train_loss = distributed.average(loss_sum / accum, world).item()
+            if not math.isfinite(train_loss):
+                raise UsageError(diverged(f"the training loss became {train_loss} at step {step}", out))
+            score, validated = validate() if evaluating and (world.is_main or world.fsdp) else (None, True)
+            if logging:
                 speed = window_steps * tokens_per_step / max(time.perf_counter() - window_start, 1e-9)
                 row = {"step": step, "train_loss": round(train_loss, 6), "lr": lr,
                        "tokens_seen": windows_seen * model_config.sequence_len, "elapsed": round(elapsed, 3),
                        "tokens_per_s": round(speed)}
-                score = validate() if evaluating and (world.is_main or world.fsdp) else None  # FSDP: all ranks
                 if score is not None:
                     val_loss = score.loss
                     row.update(val_loss=round(score.loss, 6), val_bits_per_char=round(score.bits_per_char, 6))
@@ -363,12 +310,10 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                     metrics.write(row)
                 bar.update(run_progress(step, elapsed, train_config), step=step, loss=f"{train_loss:.3f}",
                            val="-" if val_loss is None else f"{val_loss:.3f}", tok_s=f"{speed:,.0f}")
-            if evaluating or step % train_config.checkpoint_interval == 0:
-                checkpoint(val_loss if evaluating else None)
+            if saving:
+                checkpoint(score.loss if score else None, validation_failed=not validated)
                 window_start, window_steps = time.perf_counter(), 0
-    bar.close()
     if world.is_main:
-        metrics.close()
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     interrupted_by = (stop.received or "SIGTERM") if stopping else None
     if interrupted_by:
@@ -377,3 +322,13 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     else:
         say(f"done: step {step}, best val loss {best_val:.4f}; checkpoint in {out}", file=sys.stderr)
     return RunResult(step, best_val, interrupted_by)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def diverged(what: str, out: Path) -> str:
+    return (f"{what}; training stopped and the last good checkpoint in {out} is kept: lower train.learning_rate "
+            "(or raise train.warmup_steps) in a --config file and train again")

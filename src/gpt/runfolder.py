@@ -1,0 +1,123 @@
+"""The run folder a training run starts from: checks on --out, the tokenizer and token splits, and the
+checkpoint a fine-tuning run (--init-from) or a resumed run brings along."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from gpt.checkpoint import (
+    TOKENIZER_FILE,
+    Checkpoint,
+    configs_from,
+    load_checkpoint,
+    load_training_state,
+    read_config,
+    remove_stale_temporaries,
+)
+from gpt.config import ModelConfig, TrainConfig, UsageError
+from gpt.corpus import load_documents
+from gpt.dataset import TokenSplits, check_lengths, prepare_splits, split_documents, token_dtype, write_tokens
+from gpt.prepare import is_prepared, load_prepared
+from gpt.tokenizer import PAD, load_tokenizer, train_tokenizer
+
+
+def prepare_output(out: Path) -> list[Path]:
+    """Make sure `out` is a writable folder; returns the folders it had to create (removed again on bad input)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder path")
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"cannot write to {out} ({err.strerror}); pass a writable --out folder") from None
+    remove_stale_temporaries(out)
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def load_initial(init_from: str | Path, model_config: ModelConfig, out: Path, resume: bool) -> Checkpoint:
+    """The checkpoint a fine-tuning run starts from; its model shape must be the one asked for.
+
+    Only dropout may differ: it changes training, not the shape of the weights.
+    """
+    if resume:
+        raise UsageError("--init-from starts a new run and --resume continues one; pass only one of them")
+    if out.resolve() == Path(init_from).resolve():
+        raise UsageError(f"--out {out} is the --init-from checkpoint; train into a new --out folder")
+    initial = load_checkpoint(init_from)
+    stored = initial.model_config
+    model_config.vocab_size, model_config.pad_idx = stored.vocab_size, stored.pad_idx  # the tokenizer's
+    differs = [f"{name} {getattr(model_config, name)} vs {getattr(stored, name)}" for name in
+               ("sequence_len", "num_layers", "embed_dim", "num_heads", "forward_expansion", "arch")
+               if getattr(model_config, name) != getattr(stored, name)]
+    if differs:
+        raise UsageError(f"the model shape differs from the --init-from checkpoint's ({', '.join(differs)}); "
+                         "drop --preset/--config model changes to fine-tune it as it is")
+    return initial
+
+
+def prepare_data(
+    model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool,
+    tokenizer: Tokenizer | None = None,
+) -> tuple[Tokenizer, TokenSplits, dict | None, str | None]:
+    """Tokenizer (trained, the run's own when resuming, or the given one), token splits, saved state and source.
+
+    Fills in the model's vocabulary size and padding id, which the tokenizer decides.
+    """
+    state = None
+    if resume:
+        info = read_config(out)
+        stored_model, _ = configs_from(info, out)
+        state = load_training_state(out)
+        tokenizer = load_tokenizer(out / TOKENIZER_FILE)
+        model_config.vocab_size, model_config.pad_idx = stored_model.vocab_size, stored_model.pad_idx
+        if model_config != stored_model:
+            raise UsageError(f"the model config differs from the checkpoint's in {out}; resume without changes "
+                             "to the model, or train into a new --out folder")
+        data = data or info["data"]
+    if is_prepared(data):  # shards from gpt prepare: their tokenizer, read in place
+        prepared_tokenizer, splits, _ = load_prepared(data)
+        if tokenizer is not None and prepared_tokenizer.to_str() != tokenizer.to_str():
+            owner = f"the run in {out}" if resume else "the --init-from checkpoint"
+            raise UsageError(f"{data} was tokenized with another tokenizer than {owner}; prepare the data with "
+                             "gpt prepare --tokenizer CHECKPOINT/tokenizer.json")
+        tokenizer = prepared_tokenizer
+    else:
+        documents = load_documents(data)
+        if tokenizer is None:
+            train_docs = split_documents(documents, train_config.val_fraction)[0]
+            tokenizer = train_tokenizer(train_docs, train_config.tokenizer_vocab_size)
+        splits = prepare_splits(documents, tokenizer, train_config.val_fraction)
+    if not resume:
+        model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), tokenizer.token_to_id(PAD)
+    check_lengths(splits, model_config.sequence_len)
+    if not is_prepared(data):  # written only now: bad input leaves the folder as it was
+        splits.train = write_tokens(out / "data" / "train.bin", splits.train)
+        splits.val = write_tokens(out / "data" / "val.bin", splits.val)
+    return tokenizer, splits, state, data
+
+
+def read_prepared(out: Path, data: str | None, model_config: ModelConfig) -> tuple[Tokenizer, TokenSplits]:
+    """What rank 0 prepared, as the other ranks of a torchrun job read it (the token files, not the text)."""
+    tokenizer = load_tokenizer(out / TOKENIZER_FILE)
+    model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), tokenizer.token_to_id(PAD)
+    data = data or read_config(out)["data"]
+    if is_prepared(data):
+        return tokenizer, load_prepared(data)[1]
+    dtype = token_dtype(model_config.vocab_size)
+    train_ids, val_ids = (np.memmap(out / "data" / f"{part}.bin", dtype=dtype, mode="r") for part in ("train", "val"))
+    return tokenizer, TokenSplits(train_ids, val_ids, [])
