@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig, UsageError
-from gpt.model import GPT, Decoder, KVCache
+from gpt.model import GPT, Decoder, KVCache, linear
 from gpt.sampling import SamplingParams
 
 ARCHS = ["gpt1", "gpt2"]
@@ -24,6 +24,27 @@ def test_seed_constructor_and_logit_shape():
                 forward_expansion=4, dropout=0.1, pad_idx=0)
     logits = model(torch.randint(0, 100, (3, 20)))
     assert logits.shape == (3, 20, 100)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_blocked_linear_equals_f_linear(threads):
+    """Few rows take the batched row-block path (when out_features splits evenly), many rows F.linear."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        for rows, out_features, bias in [(1, 96, True), (3, 96, False), (16, 50, True), (17, 96, True), (2, 97, True)]:
+            weight = torch.randn(out_features, 40, requires_grad=True)
+            b = torch.randn(out_features, requires_grad=True) if bias else None
+            x = torch.randn(rows, 1, 40, requires_grad=True)
+            ours, reference = linear(x, weight, b), F.linear(x, weight, b)
+            assert ours.shape == reference.shape == (rows, 1, out_features)
+            torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+            grads = torch.autograd.grad(ours.square().sum(), [x, weight])
+            expected = torch.autograd.grad(reference.square().sum(), [x, weight])
+            torch.testing.assert_close(grads, expected, atol=1e-4, rtol=1e-4)  # summed in another order
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bad_shapes_are_usage_errors():

@@ -26,38 +26,64 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad_idx: int | None) ->
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for a few rows on a CPU: then the weight's row blocks go through one batched matmul.
+
+    Decoding reads every weight once per token, so a step is bound by memory bandwidth, and MKL's fp32
+    matrix-vector product reads on one thread. As a batch of row blocks the same dot products run on
+    every thread: 1.5x faster decoding on 2 cores (docs/benchmarks.md).
+    """
+    rows, blocks = x.numel() // x.size(-1), torch.get_num_threads()
+    if rows > 16 or blocks < 2 or not x.is_cpu or weight.size(0) % blocks or not weight.is_contiguous():
+        return F.linear(x, weight, bias)
+    w = weight.view(blocks, -1, weight.size(1)).transpose(1, 2)  # (blocks, in, out / blocks)
+    x2 = x.reshape(1, rows, -1).expand(blocks, rows, -1)  # (blocks, rows, in)
+    if bias is None:
+        y = torch.bmm(x2, w)  # (blocks, rows, out / blocks)
+    else:
+        y = torch.baddbmm(bias.view(blocks, 1, -1), x2, w)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], weight.size(0))
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) computed by `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, plus what each row needs to go on."""
 
     def __init__(self, config: ModelConfig, batch: int, device, dtype):
         head_dim = config.embed_dim // config.num_heads
-        shape = (config.num_layers, batch, config.num_heads, config.sequence_len, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, config.num_heads, config.sequence_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.length = 0  # tokens cached, padding included
         self.real = torch.ones(batch, config.sequence_len, dtype=torch.bool, device=device)  # False = pad
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)  # per row
         self.has_padding = False
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.size(2)
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values, end = self.keys[layer], self.values[layer], self.length + k.size(2)
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.num_heads, self.dropout = layer, config.num_heads, config.dropout
-        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim)
-        self.proj = nn.Linear(config.embed_dim, config.embed_dim)
+        self.qkv = Linear(config.embed_dim, 3 * config.embed_dim)
+        self.proj = Linear(config.embed_dim, config.embed_dim)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, E = x.shape
-        q, k, v = self.qkv(x).split(E, dim=2)
-        q, k, v = (t.view(B, T, self.num_heads, E // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, E // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, T, D)
         if cache is not None:
             k, v = cache.store(self.layer, k, v)  # (B, H, S, D) with S = cached + T
         y = F.scaled_dot_product_attention(
@@ -72,9 +98,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden = config.forward_expansion * config.embed_dim
-        self.fc = nn.Linear(config.embed_dim, hidden)
+        self.fc = Linear(config.embed_dim, hidden)
         self.gelu = nn.GELU(approximate="tanh")  # as in the GPT-1 code
-        self.proj = nn.Linear(hidden, config.embed_dim)
+        self.proj = Linear(hidden, config.embed_dim)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,18 +185,18 @@ class GPT(nn.Module):
         if past + T > self.config.sequence_len:
             raise ValueError(f"{past + T} positions exceed sequence_len {self.config.sequence_len}")
         real = None if pad_mask is None else ~pad_mask
-        start = cache.next_position if cache is not None else torch.zeros(B, dtype=torch.long, device=idx.device)
-        steps = torch.arange(T, device=idx.device).expand(B, T) if real is None else real.long().cumsum(1) - 1
-        positions = (start[:, None] + steps).clamp(min=0)  # (B, T): real tokens count 0, 1, 2, ...
+        positions = torch.arange(T, device=idx.device) if real is None else (real.long().cumsum(1) - 1).clamp(min=0)
+        if cache is not None:
+            positions = cache.next_position[:, None] + positions  # (B, T): real tokens count 0, 1, 2, ...
         mask = self._attention_mask(real, past, T, cache)
         x = self.dropout(self.token_embed(idx) + self.position_embed(positions))  # (B, T, E)
         for block in self.blocks:
             x = block(x, mask, cache)
         x = self.ln_f(x)
         if cache is not None:
-            cache.next_position = positions[:, -1] + 1 if real is None else start + real.sum(1)
+            cache.next_position = cache.next_position + (T if real is None else real.sum(1))
             cache.length += T
-        return F.linear(x, self.token_embed.weight)  # (B, T, vocab), tied to the input embedding
+        return linear(x, self.token_embed.weight)  # (B, T, vocab), tied to the input embedding
 
     @staticmethod
     def _attention_mask(real, past: int, T: int, cache: KVCache | None) -> torch.Tensor | None:
