@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig, UsageError
-from gpt.model import GPT, Decoder, KVCache, linear
+from gpt.model import GPT, Decoder, KVCache, Linear, linear
 from gpt.sampling import SamplingParams
 
 ARCHS = ["gpt1", "gpt2"]
@@ -43,6 +43,29 @@ def test_blocked_linear_equals_f_linear(threads):
             grads = torch.autograd.grad(ours.square().sum(), [x, weight])
             expected = torch.autograd.grad(reference.square().sum(), [x, weight])
             torch.testing.assert_close(grads, expected, atol=1e-4, rtol=1e-4)  # summed in another order
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_linear_module_follows_weight_changes_and_thread_count():
+    """The kept row-block views must never serve a stale weight."""
+    before = torch.get_num_threads()
+    torch.manual_seed(0)
+    layer, x = Linear(8, 12), torch.randn(1, 8)
+    try:
+        for threads in (2, 3, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+                layer.weight.mul_(2.0)  # in place: same storage
+                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+                layer.weight.data = torch.randn(12, 8)  # new storage
+                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+                layer.load_state_dict({"weight": torch.randn(12, 8), "bias": torch.randn(12)})
+                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        out = layer(x)  # with autograd: gradients reach the weight
+        out.sum().backward()
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     finally:
         torch.set_num_threads(before)
 

@@ -31,25 +31,54 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Decoding reads every weight once per token, so a step is bound by memory bandwidth, and MKL's fp32
     matrix-vector product reads on one thread. As a batch of row blocks the same dot products run on
-    every thread: 1.5x faster decoding on 2 cores (docs/benchmarks.md).
+    every thread: 1.6x faster matrix-vector products on 2 cores (docs/benchmarks.md).
     """
-    rows, blocks = x.numel() // x.size(-1), torch.get_num_threads()
-    if rows > 16 or blocks < 2 or not x.is_cpu or weight.size(0) % blocks or not weight.is_contiguous():
-        return F.linear(x, weight, bias)
-    w = weight.view(blocks, -1, weight.size(1)).transpose(1, 2)  # (blocks, in, out / blocks)
-    x2 = x.reshape(1, rows, -1).expand(blocks, rows, -1)  # (blocks, rows, in)
-    if bias is None:
-        y = torch.bmm(x2, w)  # (blocks, rows, out / blocks)
-    else:
-        y = torch.baddbmm(bias.view(blocks, 1, -1), x2, w)
-    return y.transpose(0, 1).reshape(*x.shape[:-1], weight.size(0))
+    blocks = row_blocks_for(x, weight)
+    return blocked_linear(x, *split_rows(weight, bias, blocks)) if blocks else F.linear(x, weight, bias)
+
+
+def row_blocks_for(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """The number of row blocks `linear` uses: one per thread, or 0 where plain F.linear is the better choice."""
+    blocks = torch.get_num_threads()
+    few_rows = x.numel() <= 16 * x.size(-1)
+    usable = few_rows and blocks > 1 and x.is_cpu and weight.size(0) % blocks == 0 and weight.is_contiguous()
+    return blocks if usable else 0
+
+
+def split_rows(
+    weight: torch.Tensor, bias: torch.Tensor | None, blocks: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Views of weight (out, in) as (blocks, in, out / blocks) and of bias as (blocks, 1, out / blocks)."""
+    w = weight.view(blocks, -1, weight.size(1)).transpose(1, 2)
+    return w, None if bias is None else bias.view(blocks, 1, -1)
+
+
+def blocked_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    rows = x.numel() // x.size(-1)
+    x_blocks = x.reshape(1, rows, -1).expand(w.size(0), rows, -1)  # (blocks, rows, in)
+    y = torch.bmm(x_blocks, w) if b is None else torch.baddbmm(b, x_blocks, w)  # (blocks, rows, out / blocks)
+    return y.view(*x.shape[:-1], -1) if rows == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], -1)
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state dict) computed by `linear`."""
+    """nn.Linear (same parameters, same state dict) computed by `linear`, keeping its row-block views.
+
+    Taking the views costs more Python than multiplying one row, so decoding reuses them; they are taken
+    again when the weight's storage or the thread count changes, and used only without autograd.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() or not x.is_cpu or x.numel() > 16 * x.size(-1):
+            return linear(x, self.weight, self.bias)
+        blocks = torch.get_num_threads()
+        key = (self.weight.data_ptr(), blocks)
+        if self.__dict__.get("_row_blocks_key") != key:
+            usable = blocks > 1 and self.out_features % blocks == 0 and self.weight.is_contiguous()
+            self._row_blocks_key = key
+            self._row_blocks = split_rows(self.weight, self.bias, blocks) if usable else None
+        if self._row_blocks is None:
+            return F.linear(x, self.weight, self.bias)
+        return blocked_linear(x, *self._row_blocks)
 
 
 class KVCache:
