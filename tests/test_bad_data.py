@@ -54,7 +54,7 @@ def outcome(tmp_path_factory, tiny_run):
         commands[name] = ["train", "--preset", "tiny", "--max-steps", "2", "--data", data, "--out",
                           str(root / "runs" / name)]
         if name in INTO_EXISTING_RUN:
-            commands[name + "_into_existing_run"] = commands[name][:-1] + [str(existing)]
+            commands[name + "_into_existing_run"] = commands[name][:-1] + [str(existing), "--overwrite"]
     return root, before, gpt_many(commands), fingerprint(root)
 
 
@@ -63,7 +63,7 @@ def test_bad_data_fails_cleanly_and_touches_nothing(outcome, name):
     root, before, results, after = outcome
     words = CASES[name][2]
     assert_one_clear_line(results[name], *words)
-    if name in INTO_EXISTING_RUN:  # the same refusal when --out holds a checkpoint, which stays as it was
+    if name in INTO_EXISTING_RUN:  # the same refusal when --overwrite may replace a checkpoint, which stays as it was
         assert_one_clear_line(results[name + "_into_existing_run"], *words)
     assert not (root / "runs" / name).exists()  # a folder made for the run is removed again
     assert after == before  # every input file and the existing checkpoint are byte-identical
@@ -78,7 +78,7 @@ def test_eval_refuses_bad_text_without_touching_the_checkpoint(tiny_run, tmp_pat
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = gpt("--debug", "train", "--data", str(tmp_path / "missing.txt"))
+    result = gpt("--debug", "train", "--data", str(tmp_path / "missing.txt"), cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" in result.stderr and "does not exist" in result.stderr
 
 

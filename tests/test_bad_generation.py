@@ -88,3 +88,23 @@ def test_huge_max_new_tokens_streams_until_interrupted(checkpoint):
     rest, err = process.communicate(timeout=60)
     assert first.startswith("Alice") and len(first) == 3000
     assert process.returncode == 130 and "Traceback" not in err
+
+
+def test_undecodable_prompt_bytes_are_one_clear_line(checkpoint):
+    """argv bytes that are not UTF-8 reach Python as lone surrogates: refused before anything is printed."""
+    command = [sys.executable.encode(), b"-m", b"gpt", b"generate", b"--checkpoint", checkpoint.encode(),
+               b"Alice \xff was", b"--max-new-tokens", b"5"]
+    result = subprocess.run(command, capture_output=True, env=os.environ, timeout=180)
+    assert result.returncode == 2 and result.stdout == b""
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpt: error: ") and "not valid UTF-8" in lines[0]
+
+
+def test_interactive_mode_reports_an_undecodable_line_and_goes_on(checkpoint):
+    command = [sys.executable, "-m", "gpt", "generate", "--checkpoint", checkpoint, "--interactive",
+               "--max-new-tokens", "5", "--seed", "1"]
+    result = subprocess.run(command, input=b"Alice \xff\nAlice\n", capture_output=True, env=os.environ, timeout=180)
+    err = result.stderr.decode()
+    assert result.returncode == 0 and "Traceback" not in err
+    assert err.count("gpt: error:") == 1 and "not valid UTF-8" in err
+    assert "Alice" in result.stdout.decode()  # the next prompt was continued

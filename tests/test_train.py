@@ -96,6 +96,19 @@ def test_resume_refuses_another_model_shape(tmp_path):
         train(model_config, train_config, tmp_path / "run", resume=True, show_progress=False)
 
 
+def test_a_new_run_replaces_a_trained_folder_only_when_asked(tmp_path):
+    model_config, train_config = tiny_configs(5)
+    train(model_config, train_config, tmp_path / "run", show_progress=False)
+    first = (tmp_path / "run" / "model.safetensors").read_bytes()
+    train_config.seed += 1
+    with pytest.raises(UsageError, match="already holds a trained model"):
+        train(model_config, train_config, tmp_path / "run", show_progress=False)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == first
+    train(model_config, train_config, tmp_path / "run", show_progress=False, overwrite=True)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() != first
+    assert load_training_state(tmp_path / "run")["step"] == 5
+
+
 def test_text_shorter_than_a_window(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Just a few words here.")

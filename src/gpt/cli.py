@@ -37,6 +37,7 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--seed", type=int, help="random seed (same seed, data and device: same losses)")
     train.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="training precision")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    train.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one")
     train.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (gradient accumulation)")
     train.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters and optimizer state")
     train.add_argument("--init-from", help="fine-tune: start from this checkpoint's weights, model and tokenizer")
@@ -129,7 +130,7 @@ def run_train(args: argparse.Namespace) -> int:
     from gpt.train import train  # after the checks above: importing torch takes seconds
 
     result = train(model_config, train_config, args.out, data=args.data, resume=args.resume,
-                   show_progress=not args.quiet, init_from=args.init_from)
+                   show_progress=not args.quiet, init_from=args.init_from, overwrite=args.overwrite)
     return {"SIGINT": 130, "SIGTERM": 143}.get(result.interrupted_by, 0)
 
 
@@ -152,8 +153,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.interactive:
         return interact(retriever, sampling)
     if args.num_samples == 1:
+        stream = retriever.stream(args.prompt, **sampling)  # refuses a bad prompt before anything is printed
         print(args.prompt, end="", flush=True)
-        for piece in retriever.stream(args.prompt, **sampling):
+        for piece in stream:
             print(piece, end="", flush=True)
         print()
         return 0
@@ -178,7 +180,14 @@ def interact(retriever, sampling: dict) -> int:
         except KeyboardInterrupt:
             print()
             continue
-        stream = retriever.stream(prompt, **sampling)
+        except UnicodeDecodeError:
+            print("gpt: error: that line is not valid UTF-8; type UTF-8 text", file=sys.stderr)
+            continue
+        try:
+            stream = retriever.stream(prompt, **sampling)
+        except UsageError as err:
+            print(f"gpt: error: {err}", file=sys.stderr)
+            continue
         print(prompt, end="", flush=True)
         try:
             for piece in stream:

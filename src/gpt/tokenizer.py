@@ -68,6 +68,14 @@ def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1024) 
 
 
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of `text`; text holding lone surrogates (undecodable bytes smuggled through argv, stdin or
+    JSON) has no UTF-8 form and is refused."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise UsageError(f"the text is not valid UTF-8 (an undecodable byte at character {err.start}); "
+                             "pass UTF-8 text") from None
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 

@@ -129,9 +129,12 @@ def micro_seed(seed: int, step: int, micro_batch: int) -> int:
 
 def train(
     model_config: ModelConfig, train_config: TrainConfig, out: str | Path, data: str | None = None,
-    resume: bool = False, show_progress: bool = True, init_from: str | Path | None = None,
+    resume: bool = False, show_progress: bool = True, init_from: str | Path | None = None, overwrite: bool = False,
 ) -> RunResult:
     """Train from scratch (or resume the run in `out`) and keep its checkpoint in `out`.
+
+    A new run refuses an `out` that already holds a trained model unless `overwrite` is set: starting
+    over in the wrong folder would silently replace hours of training.
 
     `init_from` fine-tunes: the weights, model config and tokenizer of that checkpoint, trained on `data`
     with a fresh optimizer and schedule. Under torchrun, every process calls this; rank 0 prepares the
@@ -143,6 +146,11 @@ def train(
     if train_config.eval_stride is not None and train_config.eval_stride > model_config.sequence_len:
         raise UsageError(f"train.eval_stride ({train_config.eval_stride}) must not exceed model.sequence_len "
                          f"({model_config.sequence_len})")
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it; pass only one of them")
+    if not resume and not overwrite and (out / WEIGHTS_FILE).exists():
+        raise UsageError(f"--out {out} already holds a trained model; continue it with --resume, train into a new "
+                         "--out folder, or pass --overwrite to replace it")
     initial = None if init_from is None else load_initial(init_from, model_config, out, resume)
     if initial is not None:
         train_config.tokenizer_vocab_size = initial.tokenizer.get_vocab_size()
