@@ -301,7 +301,7 @@ def test_imported_gpt2_tokenizer_without_pad_works_everywhere(tmp_path, alice_te
     ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon"),
     ({"tie_word_embeddings": False}, "not tied"),
     ({"scale_attn_by_inverse_layer_idx": True}, "inverse layer index"),
-    ({"attn_pdrop": 0.2}, "dropout"),
+    ({"embd_pdrop": 0.2}, "dropout"),
 ])
 def test_import_refuses_what_it_cannot_represent(tiny_run, tmp_path, change, words):
     tokenizer = load_tokenizer(tiny_run / "tokenizer.json")
@@ -309,6 +309,17 @@ def test_import_refuses_what_it_cannot_represent(tiny_run, tmp_path, change, wor
     with pytest.raises(UsageError, match=words):
         import_checkpoint(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_attention_dropout_survives_export_and_import(tiny_run, tmp_path):
+    tokenizer = load_tokenizer(tiny_run / "tokenizer.json")
+    source = save_random_hf(tmp_path / "hf", "gpt2", tokenizer, attn_pdrop=0.0, resid_pdrop=0.2, embd_pdrop=0.2)
+    import_checkpoint(source, tmp_path / "out")
+    config = load_checkpoint(tmp_path / "out").model_config
+    assert (config.dropout, config.attention_dropout) == (0.2, 0.0)
+    export_checkpoint(tmp_path / "out", tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (saved["resid_pdrop"], saved["embd_pdrop"], saved["attn_pdrop"]) == (0.2, 0.2, 0.0)
 
 
 def test_import_refuses_a_lossy_tokenizer_and_other_models(tiny_run, tmp_path):

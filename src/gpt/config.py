@@ -34,9 +34,10 @@ class ModelConfig:
     embed_dim: int = 512
     num_heads: int = 8
     forward_expansion: int = 4
-    dropout: float = 0.2
+    dropout: float = 0.2  # on embeddings and residual branches
     arch: str = "gpt1"  # "gpt1": post-LN blocks of the GPT-1 paper; "gpt2": pre-LN with a final LayerNorm
     pad_idx: int | None = None
+    attention_dropout: float | None = None  # on attention weights; None: the same as dropout
 
     def validate(self) -> None:
         for name in ("vocab_size", "sequence_len", "num_layers", "embed_dim", "num_heads", "forward_expansion"):
@@ -48,6 +49,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
+            raise UsageError(f"model.attention_dropout must be in [0, 1), got {self.attention_dropout}")
         if self.arch not in ARCHS:
             raise UsageError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
 

@@ -104,7 +104,8 @@ def hf_config(config: ModelConfig, eot_id: int, pad_id: int | None) -> dict:
     fields = {
         "vocab_size": config.vocab_size, "n_positions": config.sequence_len, "n_embd": config.embed_dim,
         "n_layer": config.num_layers, "n_head": config.num_heads, activation_key: activation,
-        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout if config.attention_dropout is None else config.attention_dropout,
         "layer_norm_epsilon": LAYER_NORM_EPS, "tie_word_embeddings": True,
         "bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": pad_id,
     }
@@ -129,15 +130,17 @@ def model_config_from_hf(hf: dict, pad_id: int | None) -> ModelConfig:
         "attention scores are not scaled by 1/sqrt(head_dim)": not hf.get("scale_attn_weights", True),
         "attention is scaled by the inverse layer index": bool(hf.get("scale_attn_by_inverse_layer_idx")),
         f"the MLP width {hidden} is not a multiple of n_embd {embed}": hidden % embed != 0,
-        "resid_pdrop, embd_pdrop and attn_pdrop differ (we use one dropout)":
-            len({hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}) > 1,
+        "resid_pdrop and embd_pdrop differ (we use one dropout outside attention)":
+            hf.get("resid_pdrop", 0.1) != hf.get("embd_pdrop", 0.1),
     }
     found = [what for what, bad in problems.items() if bad]
     if found:
         raise UsageError(f"this {HF_CLASSES[arch][1]} cannot be represented exactly: {'; '.join(found)}")
+    dropout, attention_dropout = float(hf.get("resid_pdrop", 0.1)), float(hf.get("attn_pdrop", 0.1))
     config = ModelConfig(vocab_size=hf["vocab_size"], sequence_len=hf["n_positions"], num_layers=hf["n_layer"],
                          embed_dim=embed, num_heads=hf["n_head"], forward_expansion=hidden // embed,
-                         dropout=float(hf.get("resid_pdrop", 0.1)), arch=arch, pad_idx=pad_id)
+                         dropout=dropout, arch=arch, pad_idx=pad_id,
+                         attention_dropout=None if attention_dropout == dropout else attention_dropout)
     config.validate()
     return config
 

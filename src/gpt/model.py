@@ -104,7 +104,8 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.num_heads, self.dropout = layer, config.num_heads, config.dropout
+        self.layer, self.num_heads = layer, config.num_heads
+        self.dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
         self.qkv = Linear(config.embed_dim, 3 * config.embed_dim)
         self.proj = Linear(config.embed_dim, config.embed_dim)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -117,7 +118,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.store(self.layer, k, v)  # (B, H, S, D) with S = cached + T
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0,  # 0: the fused kernel, and no masks to draw
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, E)
         return self.resid_dropout(self.proj(y))
