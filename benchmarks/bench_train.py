@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig, TrainConfig
+from gpt.hardware import cpu_flags, cpu_peak, read_cpuinfo
 from gpt.model import GPT
 from gpt.train import make_optimizer
 
@@ -221,13 +222,6 @@ def initial_losses(contenders: list[Contender], x: torch.Tensor, y: torch.Tensor
 # ---------------------------------------------------------------- machine
 
 
-def read_cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
 def lscpu() -> str:
     try:
         return subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -243,42 +237,23 @@ def cpu_model(cpuinfo: str, lscpu_text: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_mhz(cpuinfo: str, lscpu_text: str) -> tuple[float | None, str]:
-    """The highest clock reported, and where it came from."""
-    values = [float(v) for v in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.MULTILINE)]
-    if values:
-        return max(values), "/proc/cpuinfo 'cpu MHz', max over cores"
-    for key in ("CPU max MHz", "CPU MHz"):
-        match = re.search(rf"^{key}:\s*([\d.]+)", lscpu_text, re.MULTILINE)
-        if match:
-            return float(match.group(1)), f"lscpu '{key}'"
-    return None, "not found"
-
-
-def cpu_flags(cpuinfo: str) -> set[str]:
-    match = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
-    return set(match.group(1).split()) if match else set()
-
-
-def machine_info(flops_per_cycle: int) -> dict:
-    cpuinfo, lscpu_text = read_cpuinfo(), lscpu()
-    mhz, mhz_source = cpu_mhz(cpuinfo, lscpu_text)
+def machine_info(flops_per_cycle: int | None) -> dict:
+    """The peak is gpt.hardware's estimate, the one `gpt train` logs MFU against."""
+    cpuinfo = read_cpuinfo()
     flags = cpu_flags(cpuinfo)
-    threads = torch.get_num_threads()
-    cores = min(threads, os.cpu_count() or threads)
-    peak = cores * flops_per_cycle * mhz * 1e6 if mhz else None
+    peak = cpu_peak(cpuinfo)
+    if peak is not None and flops_per_cycle is not None:
+        peak.flops_per_cycle = flops_per_cycle
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "cpu": cpu_model(cpuinfo, lscpu_text),
-        "torch_threads": threads,
+        "cpu": cpu_model(cpuinfo, lscpu()),
+        "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "cpu_mhz": mhz,
-        "cpu_mhz_source": mhz_source,
-        "flops_per_cycle_per_core": flops_per_cycle,
-        "peak_fp32_flops": peak,
+        "peak": str(peak) if peak else None,
+        "peak_fp32_flops": peak.flops if peak else None,
         "flags": {f: f in flags for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")},
     }
 
@@ -299,14 +274,12 @@ def make_rows(size_name: str, precision: str, contenders: list[Contender], secon
 
 def header(info: dict) -> list[str]:
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in info["flags"].items())
-    mhz = f"{info['cpu_mhz']:.0f} MHz ({info['cpu_mhz_source']})" if info["cpu_mhz"] else "clock unknown"
-    peak = f"{info['peak_fp32_flops'] / 1e9:.1f} GFLOP/s" if info["peak_fp32_flops"] else "unknown (no clock)"
     return [
         f"torch {info['torch']}, transformers {info['transformers']}, {info['date']}, CPU {info['cpu']}, "
         f"torch threads {info['torch_threads']} (default, not set)",
         f"CPU flags: {flags}",
-        f"peak fp32 assumed: {min(info['torch_threads'], info['cpu_count'] or 1)} cores x "
-        f"{info['flops_per_cycle_per_core']} FLOP/cycle (AVX2: 2 FMA units x 8 floats x 2) x {mhz} = {peak}",
+        f"peak fp32 assumed (gpt.hardware; FLOP/cycle = 2 FMA units x floats per vector x 2): "
+        f"{info['peak'] or 'unknown (no clock in /proc/cpuinfo)'}",
     ]
 
 
@@ -362,7 +335,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: S 8, M 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per model before each precision "
                         "(default: S 3, M 1)")
-    parser.add_argument("--flops-per-cycle", type=int, default=32, help="per core, for the peak (AVX2 fp32: 32)")
+    parser.add_argument("--flops-per-cycle", type=int, default=None,
+                        help="per core, for the peak (default: from the CPU's flags; AVX2 fp32: 32)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     for name in ("rounds", "steps_per_round"):

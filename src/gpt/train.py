@@ -30,9 +30,10 @@ from gpt.checkpoint import (
     save_training_state,
     save_weights,
 )
-from gpt.config import ModelConfig, TrainConfig, UsageError
+from gpt.config import ModelConfig, TrainConfig, UsageError, first_line
 from gpt.dataset import WindowSampler
 from gpt.evaluate import Score, score_from_counts, total_nats, unigram_score
+from gpt.hardware import peak_flops
 from gpt.logs import MetricsLog, Progress, plot_losses
 from gpt.model import GPT, lm_loss
 from gpt.runfolder import load_initial, prepare_data, prepare_output, read_prepared, remove_empty
@@ -207,13 +208,14 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     micro, accum = train_config.batch_size, train_config.grad_accum
     global_batch = micro * accum * world.size
     say = print if show_progress else (lambda *a, **k: None)
+    peak = peak_flops(device) if world.size == 1 else None  # cores shared by several processes: no estimate
     if world.is_main:
         unigram = unigram_score(splits.train, splits.val, splits.val_text, eot, model_config.vocab_size) \
             if splits.val_text else None
         say(f"{model.num_params() / 1e6:.2f}M parameters | {len(splits.train):,} training tokens, "
             f"{len(splits.val):,} validation tokens | device {device}{' bf16' if low_precision else ''}"
             + (f" | a unigram model scores val loss {unigram.loss:.3f} ({unigram.bits_per_char:.3f} bits/char)"
-               if unigram else ""), file=sys.stderr)
+               if unigram else "") + (f" | MFU against {peak}" if peak else ""), file=sys.stderr)
     if world.size > 1 or accum > 1:
         say(f"global batch {global_batch} windows = {micro} per micro-step x {accum} micro-steps x "
             f"{world.size} processes{' (FSDP)' if world.fsdp else ''}", file=sys.stderr)
@@ -262,6 +264,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
 
     sampler = WindowSampler(splits.train, model_config.sequence_len, global_batch, train_config.seed)
     tokens_per_step = global_batch * model_config.sequence_len
+    flops_per_token = model.flops_per_token()
     metrics = MetricsLog(out / "metrics.jsonl", resume_after_step=step if resume else None) if world.is_main else None
     bar = Progress(run_progress(step, elapsed, train_config), enabled=show_progress)
     sync_every = train_config.log_interval if world.active else 1  # ranks agree on time and signals this often
@@ -311,13 +314,16 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                 row = {"step": step, "train_loss": round(train_loss, 6), "lr": lr,
                        "tokens_seen": windows_seen * model_config.sequence_len, "elapsed": round(elapsed, 3),
                        "tokens_per_s": round(speed)}
+                mfu = {"mfu": round(flops_per_token * speed / peak.flops, 4)} if peak else {}
+                row.update(mfu)
                 if score is not None:
                     val_loss = score.loss
                     row.update(val_loss=round(score.loss, 6), val_bits_per_char=round(score.bits_per_char, 6))
                 if world.is_main:
                     metrics.write(row)
                 bar.update(run_progress(step, elapsed, train_config), step=step, loss=f"{train_loss:.3f}",
-                           val="-" if val_loss is None else f"{val_loss:.3f}", tok_s=f"{speed:,.0f}")
+                           val="-" if val_loss is None else f"{val_loss:.3f}", tok_s=f"{speed:,.0f}",
+                           **({"mfu": f"{100 * mfu['mfu']:.0f}%"} if mfu else {}))
             if saving:
                 checkpoint(score.loss if score else None, validation_failed=not validated)
                 window_start, window_steps = time.perf_counter(), 0
@@ -330,11 +336,6 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     else:
         say(f"done: step {step}, best val loss {best_val:.4f}; checkpoint in {out}", file=sys.stderr)
     return RunResult(step, best_val, interrupted_by)
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def diverged(what: str, out: Path) -> str:

@@ -1,0 +1,72 @@
+"""The peak arithmetic rate of the CPU a run uses, so training logs and benchmarks can report model FLOP
+utilisation (MFU): the model's FLOPs per second over what the cores could do at best.
+
+The peak is an estimate: cores x fp32 FLOP per cycle per core (from the vector units the CPU reports)
+x the clock /proc/cpuinfo shows. Cores that boost above that clock make MFU read high. There is no
+estimate for GPUs or for systems without /proc/cpuinfo (MFU is then not reported).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class CpuPeak:
+    cores: int
+    flops_per_cycle: int  # fp32, per core
+    mhz: float
+
+    @property
+    def flops(self) -> float:
+        return self.cores * self.flops_per_cycle * self.mhz * 1e6
+
+    def __str__(self) -> str:
+        return (f"{self.flops / 1e9:.1f} GFLOP/s ({self.cores} cores x {self.flops_per_cycle} FLOP/cycle x "
+                f"{self.mhz:.0f} MHz)")
+
+
+def read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    match = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    return set(match.group(1).split()) if match else set()
+
+
+def cpu_mhz(cpuinfo: str) -> float | None:
+    """The highest clock any core reports."""
+    values = [float(v) for v in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.MULTILINE)]
+    return max(values) if values else None
+
+
+def flops_per_cycle(flags: set[str]) -> int:
+    """fp32 FLOP per cycle per core: 2 FMA units x floats per vector x 2 (multiply and add)."""
+    if "avx512f" in flags:
+        return 2 * 16 * 2
+    if "avx2" in flags and "fma" in flags:
+        return 2 * 8 * 2
+    return 2 * 4 * 2  # SSE, or a CPU whose flags we cannot read
+
+
+def cpu_peak(cpuinfo: str | None = None, threads: int | None = None) -> CpuPeak | None:
+    """The estimate for the cores torch computes on (its thread count, at most the CPU count)."""
+    cpuinfo = read_cpuinfo() if cpuinfo is None else cpuinfo
+    mhz = cpu_mhz(cpuinfo)
+    if mhz is None:
+        return None
+    threads = torch.get_num_threads() if threads is None else threads
+    return CpuPeak(min(threads, os.cpu_count() or threads), flops_per_cycle(cpu_flags(cpuinfo)), mhz)
+
+
+def peak_flops(device: torch.device) -> CpuPeak | None:
+    return cpu_peak() if device.type == "cpu" else None
