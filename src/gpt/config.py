@@ -23,6 +23,12 @@ class UsageError(Exception):
     """A problem with what the user asked for: reported as one line, never as a traceback."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception as a short clause for a UsageError's one line: its type and the first line of its text."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 ARCHS = ("gpt1", "gpt2")
 
 
@@ -38,6 +44,7 @@ class ModelConfig:
     arch: str = "gpt1"  # "gpt1": post-LN blocks of the GPT-1 paper; "gpt2": pre-LN with a final LayerNorm
     pad_idx: int | None = None
     attention_dropout: float | None = None  # on attention weights; None: the same as dropout
+    embedding_dropout: float = 0.0  # chance that a vocabulary entry is dropped from the input for a step
 
     def validate(self) -> None:
         for name in ("vocab_size", "sequence_len", "num_layers", "embed_dim", "num_heads", "forward_expansion"):
@@ -51,6 +58,8 @@ class ModelConfig:
             raise UsageError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
             raise UsageError(f"model.attention_dropout must be in [0, 1), got {self.attention_dropout}")
+        if not 0.0 <= self.embedding_dropout < 1.0:
+            raise UsageError(f"model.embedding_dropout must be in [0, 1), got {self.embedding_dropout}")
         if self.arch not in ARCHS:
             raise UsageError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
 

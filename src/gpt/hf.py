@@ -29,7 +29,7 @@ from gpt.checkpoint import (
     save_weights,
     write_text,
 )
-from gpt.config import ModelConfig, TrainConfig, UsageError
+from gpt.config import ModelConfig, TrainConfig, UsageError, first_line
 from gpt.hf_card import model_card
 from gpt.model import GPT
 from gpt.tokenizer import EOT, PAD, decode, encode
@@ -52,11 +52,6 @@ def require_transformers():
     except ImportError:
         raise UsageError("this needs the transformers package: pip install transformers") from None
     return transformers
-
-
-def first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def key_map(arch: str, num_layers: int) -> dict[str, str]:
