@@ -70,6 +70,22 @@ def test_linear_module_follows_weight_changes_and_thread_count():
         torch.set_num_threads(before)
 
 
+def test_embedding_dropout_drops_whole_vocabulary_entries_in_training_only():
+    torch.manual_seed(0)
+    model = GPT(config=ModelConfig(vocab_size=97, sequence_len=16, num_layers=1, embed_dim=32, num_heads=4,
+                                   dropout=0.0, embedding_dropout=0.5)).eval()
+    idx = torch.arange(97).repeat(2, 1)[:, :16]  # every token id twice: once per row
+    plain = model.token_embed(idx)
+    assert torch.equal(model._embed_tokens(idx), plain)  # eval mode: untouched
+    model.train()
+    torch.manual_seed(0)
+    dropped = model._embed_tokens(idx)
+    zero = dropped.abs().sum(-1) == 0  # (B, T)
+    assert zero.any() and (~zero).any()
+    assert torch.equal(zero[0], zero[1])  # a dropped entry is dropped wherever its token appears
+    torch.testing.assert_close(dropped[~zero], 2 * plain[~zero])  # the rest scaled by 1 / (1 - p)
+
+
 def test_bad_shapes_are_usage_errors():
     with pytest.raises(UsageError, match="divisible"):
         GPT(vocab_size=10, embed_dim=30, num_heads=4)

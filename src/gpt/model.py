@@ -219,7 +219,7 @@ class GPT(nn.Module):
         if cache is not None:
             positions = cache.next_position[:, None] + positions  # (B, T): real tokens count 0, 1, 2, ...
         mask = self._attention_mask(real, past, T, cache)
-        x = self.dropout(self.token_embed(idx) + self.position_embed(positions))  # (B, T, E)
+        x = self.dropout(self._embed_tokens(idx) + self.position_embed(positions))  # (B, T, E)
         for block in self.blocks:
             x = block(x, mask, cache)
         x = self.ln_f(x)
@@ -227,6 +227,16 @@ class GPT(nn.Module):
             cache.next_position = cache.next_position + (T if real is None else real.sum(1))
             cache.length += T
         return linear(x, self.token_embed.weight)  # (B, T, vocab), tied to the input embedding
+
+    def _embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """Embedding dropout (AWD-LSTM's): in training, whole vocabulary entries are dropped from the input
+        for a step, so the model cannot lean on any one token being visible; the tied output layer keeps them."""
+        p = self.config.embedding_dropout
+        if not self.training or not p:
+            return self.token_embed(idx)
+        weight = self.token_embed.weight
+        keep = torch.empty(weight.size(0), 1, device=weight.device, dtype=weight.dtype).bernoulli_(1 - p) / (1 - p)
+        return F.embedding(idx, weight * keep)
 
     @staticmethod
     def _attention_mask(real, past: int, T: int, cache: KVCache | None) -> torch.Tensor | None:
