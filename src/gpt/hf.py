@@ -7,7 +7,9 @@ Both use layer-norm epsilon 1e-5, biases on every projection, an output layer ti
 embedding, and no saved attention-mask buffers. transformers' projections are `Conv1D` modules whose
 weight is [in, out], the transpose of our `nn.Linear` [out, in]. A transformers folder that differs in
 anything that changes the numbers (another activation or epsilon, an untied head, cross-attention,
-scaled attention) is refused rather than converted into a different model.
+scaled attention) is refused rather than converted into a different model. Dropout only matters for
+training: attn_pdrop is our model.attention_dropout, resid_pdrop = embd_pdrop our model.dropout, and our
+model.embedding_dropout has no transformers field (an export leaves it out).
 """
 
 from __future__ import annotations
