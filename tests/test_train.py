@@ -69,22 +69,27 @@ def interrupt_when(condition, timeout: float = 60.0) -> threading.Thread:
     return thread
 
 
-def test_interrupted_run_resumes_exactly(tmp_path):
-    model_config, train_config = tiny_configs(60)
-    train(model_config, train_config, tmp_path / "whole", show_progress=False)
+@pytest.mark.parametrize("weight_average", [0.0, 0.9])
+def test_interrupted_run_resumes_exactly(tmp_path, weight_average):
+    def configs():
+        model_config, train_config = tiny_configs(60)
+        train_config.weight_average = weight_average
+        return model_config, train_config
+
+    train(*configs(), tmp_path / "whole", show_progress=False)
     split = tmp_path / "split"
     watcher = interrupt_when(lambda: len(read_metrics(split / "metrics.jsonl")) >= 3)
-    model_config, train_config = tiny_configs(60)
-    result = train(model_config, train_config, split, show_progress=False)
+    result = train(*configs(), split, show_progress=False)
     watcher.join()
     assert result.interrupted_by == "SIGINT" and 0 < result.step < 60
-    model_config, train_config = tiny_configs(60)
-    train(model_config, train_config, split, resume=True, show_progress=False)
+    train(*configs(), split, resume=True, show_progress=False)
     whole = dict(losses(tmp_path / "whole"))
     resumed = [(step, loss) for step, loss in losses(split) if step > result.step]
     assert resumed and resumed[-1][0] == 60
     for step, loss in resumed:
         assert math.isclose(loss, whole[step], abs_tol=1e-6), step
+    final = [read_metrics(folder / "metrics.jsonl")[-1]["val_loss"] for folder in (tmp_path / "whole", split)]
+    assert math.isclose(*final, abs_tol=1e-6)  # validated with the same (averaged) weights
 
 
 def test_resume_refuses_another_model_shape(tmp_path):

@@ -87,6 +87,8 @@ class TrainConfig:
     dtype: str = "float32"  # "auto", "float32", "bfloat16"
     grad_accum: int = 1  # micro-steps per optimizer step: global batch = batch_size x grad_accum x processes
     fsdp: bool = False  # shard parameters, gradients and optimizer state across torchrun processes
+    weight_average: float = 0.0  # decay of an exponential moving average of the weights (0: off), used to
+    # validate and save the model; e.g. 0.98 averages over about the last 50 steps
 
     def validate(self) -> None:
         for name in ("tokenizer_vocab_size", "batch_size", "eval_interval", "log_interval", "checkpoint_interval",
@@ -128,6 +130,8 @@ class TrainConfig:
             raise UsageError(f"train.seed must be below 2**63, got {self.seed}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UsageError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.weight_average < 1.0:
+            raise UsageError(f"train.weight_average must be in [0, 1) (0 turns it off), got {self.weight_average}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 
 from gpt import distributed
+from gpt.averaging import WeightAverage
 from gpt.checkpoint import (
     CONFIG_FILE,
     STATE_FILE,
@@ -204,6 +205,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         windows_seen = state.get("windows_seen", step * train_config.batch_size)
     elif initial is not None:
         model.load_state_dict(initial.model.state_dict())
+    average = start_average(model, train_config, world, state)
 
     micro, accum = train_config.batch_size, train_config.grad_accum
     global_batch = micro * accum * world.size
@@ -228,7 +230,9 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     def validate() -> tuple[Score | None, bool]:
         """(score on rank 0, whether it worked): a failed validation (out of memory, say) never costs the run."""
         try:
-            nats, count = total_nats(model, splits.val, eot, train_config.eval_stride, autocast_dtype=low_precision)
+            with average.swapped_in() if average else contextlib.nullcontext():
+                nats, count = total_nats(model, splits.val, eot, train_config.eval_stride,
+                                         autocast_dtype=low_precision)
         except Exception as err:
             if world.is_main:
                 print(f"warning: validation failed at step {step} ({first_line(err)}); training goes on and the "
@@ -242,17 +246,22 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         if distributed.agree([float(broken)], world)[0]:
             raise UsageError(diverged(f"the weights became NaN or infinite at step {step}", out))
         model_state, optimizer_state = distributed.full_state(wrapped, model, optimizer, world)
+        weights = model_state
+        if average is not None:  # validated and saved: the average; resumed from: the raw weights
+            with average.swapped_in():
+                weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         failure = None
         if world.is_main:
             try:
                 if val_loss is not None and val_loss < best_val:
-                    save_weights(out, model_state, {"step": str(step), "val_loss": f"{val_loss:.6f}"})
+                    save_weights(out, weights, {"step": str(step), "val_loss": f"{val_loss:.6f}"})
                     best_val = val_loss
                 elif validation_failed and not (out / WEIGHTS_FILE).exists():  # keep the run usable
-                    save_weights(out, model_state, {"step": str(step), "val_loss": "unknown"})
+                    save_weights(out, weights, {"step": str(step), "val_loss": "unknown"})
                 save_training_state(out, {
                     "model": model_state, "optimizer": optimizer_state, "step": step, "elapsed": elapsed,
                     "best_val_loss": best_val, "windows_seen": windows_seen, "rng": torch.get_rng_state(),
+                    **({"average": average.state_dict()} if average else {}),
                 })
             except (OSError, RuntimeError, SafetensorError) as err:
                 failure = (f"could not save the checkpoint in {out} at step {step} ({first_line(err)}); the previous "
@@ -293,6 +302,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if average is not None:
+                average.update(step)
             window_steps += 1
             windows_seen += global_batch
             if step % sync_every == 0 or (train_config.max_steps and step >= train_config.max_steps):
@@ -336,6 +347,23 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     else:
         say(f"done: step {step}, best val loss {best_val:.4f}; checkpoint in {out}", file=sys.stderr)
     return RunResult(step, best_val, interrupted_by)
+
+
+def start_average(model: GPT, train_config: TrainConfig, world: distributed.World,
+                  state: dict | None) -> WeightAverage | None:
+    """The weight average of a run (None when off), taken up again from a resumed state."""
+    if not train_config.weight_average:
+        return None
+    if world.fsdp:
+        raise UsageError("train.weight_average does not work with --fsdp yet; set it to 0 or train without --fsdp")
+    average = WeightAverage(model, train_config.weight_average)
+    if state is not None and "average" in state:
+        try:
+            average.load_state_dict(state["average"])
+        except (ValueError, TypeError, AttributeError) as err:
+            raise UsageError(f"the weight average in the training state does not fit the model ({first_line(err)}); "
+                             "train again without --resume") from None
+    return average
 
 
 def diverged(what: str, out: Path) -> str:
