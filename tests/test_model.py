@@ -61,6 +61,8 @@ def test_linear_module_follows_weight_changes_and_thread_count():
                 torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
                 layer.weight.data = torch.randn(12, 8)  # new storage
                 torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+                layer.bias.data = torch.randn(12)
+                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
                 layer.load_state_dict({"weight": torch.randn(12, 8), "bias": torch.randn(12)})
                 torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
         out = layer(x)  # with autograd: gradients reach the weight

@@ -71,7 +71,7 @@ class Linear(nn.Linear):
         if torch.is_grad_enabled() or not x.is_cpu or x.numel() > 16 * x.size(-1):
             return linear(x, self.weight, self.bias)
         blocks = torch.get_num_threads()
-        key = (self.weight.data_ptr(), blocks)
+        key = (self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(), blocks)
         if self.__dict__.get("_row_blocks_key") != key:
             usable = blocks > 1 and self.out_features % blocks == 0 and self.weight.is_contiguous()
             self._row_blocks_key = key
