@@ -68,16 +68,12 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or not x.is_cpu or x.numel() > 16 * x.size(-1):
+        blocks = row_blocks_for(x, self.weight)
+        if not blocks or torch.is_grad_enabled():
             return linear(x, self.weight, self.bias)
-        blocks = torch.get_num_threads()
         key = (self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(), blocks)
         if self.__dict__.get("_row_blocks_key") != key:
-            usable = blocks > 1 and self.out_features % blocks == 0 and self.weight.is_contiguous()
-            self._row_blocks_key = key
-            self._row_blocks = split_rows(self.weight, self.bias, blocks) if usable else None
-        if self._row_blocks is None:
-            return F.linear(x, self.weight, self.bias)
+            self._row_blocks_key, self._row_blocks = key, split_rows(self.weight, self.bias, blocks)
         return blocked_linear(x, *self._row_blocks)
 
 

@@ -325,8 +325,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                 row = {"step": step, "train_loss": round(train_loss, 6), "lr": lr,
                        "tokens_seen": windows_seen * model_config.sequence_len, "elapsed": round(elapsed, 3),
                        "tokens_per_s": round(speed)}
-                mfu = {"mfu": round(flops_per_token * speed / peak.flops, 4)} if peak else {}
-                row.update(mfu)
+                if peak:
+                    row["mfu"] = round(flops_per_token * speed / peak.flops, 4)
                 if score is not None:
                     val_loss = score.loss
                     row.update(val_loss=round(score.loss, 6), val_bits_per_char=round(score.bits_per_char, 6))
@@ -334,7 +334,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                     metrics.write(row)
                 bar.update(run_progress(step, elapsed, train_config), step=step, loss=f"{train_loss:.3f}",
                            val="-" if val_loss is None else f"{val_loss:.3f}", tok_s=f"{speed:,.0f}",
-                           **({"mfu": f"{100 * mfu['mfu']:.0f}%"} if mfu else {}))
+                           **({"mfu": f"{100 * row['mfu']:.0f}%"} if peak else {}))
             if saving:
                 checkpoint(score.loss if score else None, validation_failed=not validated)
                 window_start, window_steps = time.perf_counter(), 0
