@@ -1,6 +1,7 @@
 """Shared fixtures: the book comes from GPT_DATA_DIR (CI points it at ../shared/data)."""
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,11 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if not os.environ.get("GPT_DATA_DIR") and SHARED_DATA.is_dir():
     os.environ["GPT_DATA_DIR"] = str(SHARED_DATA)
+
+# A shell starts background jobs (`pytest &`, nohup) with Ctrl-C ignored, and child processes inherit that,
+# so the tests that press Ctrl-C on a `gpt` subprocess would hang. Handled signals reset on exec: restore it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
