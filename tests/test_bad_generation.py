@@ -41,6 +41,8 @@ def checkpoint(tiny_run):
     (["--temperature", "-1"], ["temperature", ">= 0"]),
     (["--temperature", "nan"], ["temperature"]),
     (["--top-p", "0"], ["top-p", "(0, 1]"]),
+    (["--top-p", "1.5"], ["top-p", "(0, 1]"]),
+    (["--temperature", "hot"], ["invalid float"]),
     (["--top-k", "-3"], ["top-k"]),
     (["--min-p", "1.5"], ["min-p", "[0, 1]"]),
     (["--min-p", "-0.1"], ["min-p"]),

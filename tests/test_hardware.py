@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from gpt.hardware import cpu_flags, cpu_mhz, cpu_peak, flops_per_cycle, read_cpuinfo
+from gpt.hardware import cpu_flags, cpu_mhz, cpu_peak, flops_per_cycle, native_bf16, read_cpuinfo
 from gpt.logs import read_metrics
 
 CPUINFO = """processor\t: 0
@@ -20,6 +20,12 @@ def test_flops_per_cycle_follows_the_vector_units():
     assert flops_per_cycle({"avx2", "fma"}) == 32
     assert flops_per_cycle({"avx2"}) == 16  # no FMA: counted as SSE-class
     assert flops_per_cycle(set()) == 16
+
+
+def test_native_bf16_needs_avx512_bf16_or_amx():
+    assert not native_bf16(cpu_flags(CPUINFO))
+    assert not native_bf16({"avx512f", "avx512bw", "avx512_vnni"})  # bf16 on AVX-512 without BF16: emulated
+    assert native_bf16({"avx512f", "avx512_bf16"}) and native_bf16({"amx_tile", "amx_bf16"})
 
 
 def test_peak_from_cpuinfo_text():

@@ -5,11 +5,13 @@ import threading
 import time
 
 import pytest
+import torch
 
-from gpt.checkpoint import load_training_state
+from gpt.checkpoint import load_checkpoint, load_training_state
 from gpt.config import TrainConfig, UsageError, preset
+from gpt.hardware import cpu_flags, native_bf16, read_cpuinfo
 from gpt.logs import read_metrics
-from gpt.train import learning_rate, run_progress, train
+from gpt.train import autocast_dtype, compiles, learning_rate, run_progress, train
 
 
 def tiny_configs(steps: int):
@@ -53,6 +55,30 @@ def test_same_seed_same_losses_and_other_seed_differs(tmp_path):
         runs.append(losses(tmp_path / name))
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+def test_default_precision_and_compile_follow_the_hardware():
+    """On a CPU: bf16 autocast only with native bf16, never compiled unless asked; explicit choices win."""
+    cpu = torch.device("cpu")
+    native = native_bf16(cpu_flags(read_cpuinfo()))
+    assert autocast_dtype(cpu, "auto") == (torch.bfloat16 if native else None)
+    assert autocast_dtype(cpu, "float32") is None and autocast_dtype(cpu, "bfloat16") == torch.bfloat16
+    assert TrainConfig().dtype == "auto" and TrainConfig().compile is None
+    assert not compiles(cpu, None) and compiles(cpu, True) and not compiles(torch.device("cuda"), False)
+
+
+@pytest.mark.slow
+def test_a_compiled_training_step_trains_like_the_eager_one(tmp_path):
+    """--compile on a CPU (opt-in there): the same losses as eager training, and a checkpoint that loads."""
+    runs = []
+    for name, compiled in (("eager", False), ("compiled", True)):
+        model_config, train_config = tiny_configs(10)
+        train_config.compile, train_config.log_interval = compiled, 1
+        train(model_config, train_config, tmp_path / name, show_progress=False)
+        runs.append([loss for _, loss in losses(tmp_path / name)])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-4)
+    assert load_checkpoint(tmp_path / "compiled").model.state_dict().keys() == \
+        load_checkpoint(tmp_path / "eager").model.state_dict().keys()
 
 
 def interrupt_when(condition, timeout: float = 60.0) -> threading.Thread:

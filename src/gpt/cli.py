@@ -35,7 +35,10 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--max-steps", type=int, help="number of optimizer steps")
     train.add_argument("--eval-interval", type=int, help="validate every N steps")
     train.add_argument("--seed", type=int, help="random seed (same seed, data and device: same losses)")
-    train.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="training precision")
+    train.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+                       help="training precision (default auto: bf16 where the hardware has it natively)")
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="torch.compile the training step (default: on CUDA only)")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     train.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one")
     train.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (gradient accumulation)")
@@ -96,11 +99,11 @@ def build_parser() -> ArgumentParser:
 
 
 def train_configs(args: argparse.Namespace):
-    from gpt.checkpoint import configs_from, read_config
-
     if args.resume and args.init_from:
         raise UsageError("--init-from starts a new run and --resume continues one; pass only one of them")
     model_config, train_config = preset(args.preset or DEFAULT_PRESET)
+    if args.init_from or args.resume:  # gpt.checkpoint imports torch (seconds): only when a folder is read
+        from gpt.checkpoint import configs_from, read_config
     if args.init_from and not args.preset:  # fine-tune the model as it is; a different shape is refused by train()
         model_config = configs_from(read_config(Path(args.init_from)), Path(args.init_from))[0]
     if args.config:
@@ -115,7 +118,7 @@ def train_configs(args: argparse.Namespace):
     elif args.max_steps is not None:
         train_config.max_steps, train_config.max_time = args.max_steps, None
     train_config.fsdp = args.fsdp
-    for name in ("eval_interval", "seed", "dtype", "grad_accum"):
+    for name in ("eval_interval", "seed", "dtype", "grad_accum", "compile"):
         if getattr(args, name) is not None:
             setattr(train_config, name, getattr(args, name))
     train_config.device = args.device

@@ -84,7 +84,8 @@ class TrainConfig:
     seed: int = 1337
     val_fraction: float = 0.1
     device: str = "auto"  # "auto", "cpu", "cuda", "mps"
-    dtype: str = "float32"  # "auto", "float32", "bfloat16"
+    dtype: str = "auto"  # "auto" (bf16 autocast where the hardware has native bf16, else fp32), "float32", "bfloat16"
+    compile: bool | None = None  # torch.compile the training step; None: on CUDA (with Triton) only
     grad_accum: int = 1  # micro-steps per optimizer step: global batch = batch_size x grad_accum x processes
     fsdp: bool = False  # shard parameters, gradients and optimizer state across torchrun processes
     weight_average: float = 0.0  # decay of an exponential moving average of the weights (0: off), used to

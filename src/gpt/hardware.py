@@ -43,6 +43,12 @@ def cpu_flags(cpuinfo: str) -> set[str]:
     return set(match.group(1).split()) if match else set()
 
 
+def native_bf16(flags: set[str]) -> bool:
+    """bf16 dot products in hardware (AVX512-BF16 or AMX): there bf16 autocast roughly doubles training speed;
+    elsewhere bf16 is emulated and slower than fp32."""
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def cpu_mhz(cpuinfo: str) -> float | None:
     """The highest clock any core reports."""
     values = [float(v) for v in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.MULTILINE)]

@@ -8,6 +8,7 @@ is the whole run's: a resumed run continues from the saved step and elapsed time
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import signal
 import sys
@@ -34,7 +35,7 @@ from gpt.checkpoint import (
 from gpt.config import ModelConfig, TrainConfig, UsageError, first_line
 from gpt.dataset import WindowSampler
 from gpt.evaluate import Score, score_from_counts, total_nats, unigram_score
-from gpt.hardware import peak_flops
+from gpt.hardware import cpu_flags, native_bf16, peak_flops, read_cpuinfo
 from gpt.logs import MetricsLog, Progress, plot_losses
 from gpt.model import GPT, lm_loss
 from gpt.runfolder import load_initial, prepare_data, prepare_output, read_prepared, remove_empty
@@ -61,12 +62,23 @@ def choose_device(name: str) -> torch.device:
 
 
 def autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
-    """The low precision to train in, or None for plain float32."""
+    """The low precision to train in, or None for plain float32. "auto" picks bf16 autocast where the
+    hardware computes in bf16 natively (CUDA GPUs since Ampere, CPUs with AVX512-BF16 or AMX)."""
     if name == "bfloat16":
         return torch.bfloat16
     if name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
+    if name == "auto" and device.type == "cpu" and native_bf16(cpu_flags(read_cpuinfo())):
+        return torch.bfloat16
     return None
+
+
+def compiles(device: torch.device, setting: bool | None) -> bool:
+    """Whether the training step goes through torch.compile. By default only on CUDA with Triton: on the CPUs
+    measured it made the step slower (docs/benchmarks.md), and its first step waits for the compiler."""
+    if setting is not None:
+        return setting
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:
@@ -192,6 +204,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     torch.manual_seed(train_config.seed)
     model = GPT(config=model_config).to(device)
     wrapped = distributed.wrap(model, world, device)
+    compiled = compiles(device, train_config.compile)
+    step_forward = torch.compile(wrapped) if compiled else wrapped  # validation runs the plain model
     optimizer = make_optimizer(model, train_config)
     step, elapsed, best_val, windows_seen = 0, 0.0, math.inf, 0
     if state is not None:
@@ -216,6 +230,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
             if splits.val_text else None
         say(f"{model.num_params() / 1e6:.2f}M parameters | {len(splits.train):,} training tokens, "
             f"{len(splits.val):,} validation tokens | device {device}{' bf16' if low_precision else ''}"
+            f"{' compiled' if compiled else ''}"
             + (f" | a unigram model scores val loss {unigram.loss:.3f} ({unigram.bits_per_char:.3f} bits/char)"
                if unigram else "") + (f" | MFU against {peak}" if peak else ""), file=sys.stderr)
     if world.size > 1 or accum > 1:
@@ -295,7 +310,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                 torch.manual_seed(micro_seed(train_config.seed, step, index))
                 with distributed.gradient_sync(wrapped, world, enabled=j == accum - 1):
                     with torch.autocast(device.type, dtype=low_precision, enabled=low_precision is not None):
-                        loss = lm_loss(wrapped(x), y, model_config.pad_idx)
+                        loss = lm_loss(step_forward(x), y, model_config.pad_idx)
                     (loss / accum).backward()
                 loss_sum += loss.detach()
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
