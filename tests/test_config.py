@@ -305,6 +305,9 @@ def test_train_either_end_is_enough():
         ({"eval_interval": 0}, "eval_interval"),
         ({"log_interval": 0}, "log_interval"),
         ({"checkpoint_interval": -1}, "checkpoint_interval"),
+        ({"bpe_dropout": 1.0}, "bpe_dropout"),
+        ({"bpe_dropout": -0.1}, "bpe_dropout"),
+        ({"bpe_copies": 0}, "bpe_copies"),
     ],
 )
 def test_train_rejects(changes, needle):

@@ -131,6 +131,25 @@ def test_prepare_splits_with_and_without_folder(tmp_path, tokenizer, book):
     assert in_memory.train[0] == eot and in_memory.val[0] == eot
 
 
+def test_bpe_dropout_copies_follow_the_plain_training_tokens(tokenizer, book, monkeypatch):
+    documents = [book[:3000], book[3000:6000]]
+    plain = prepare_splits(documents, tokenizer, 0.1)
+    noisy = prepare_splits(documents, tokenizer, 0.1, bpe_dropout=0.1, copies=4, seed=5)
+    n = len(plain.train)
+    np.testing.assert_array_equal(noisy.train[:n], plain.train)  # the plain tokenization comes first
+    np.testing.assert_array_equal(noisy.val, plain.val)  # validation is never perturbed
+    eot, text = special_id(tokenizer, EOT), "".join(split_documents(documents, 0.1)[0])
+    starts = np.flatnonzero(noisy.train == eot)
+    copies = np.split(noisy.train, starts[::2][1:])  # two training documents per copy
+    assert len(copies) == noisy.copies == 4 and plain.copies == 1
+    assert all(decode(tokenizer, c.tolist()) == text for c in copies)
+    assert len({c.tobytes() for c in copies}) == 4 and min(map(len, copies[1:])) > n
+    again = prepare_splits(documents, tokenizer, 0.1, bpe_dropout=0.1, copies=4, seed=5)
+    np.testing.assert_array_equal(again.train, noisy.train)
+    monkeypatch.setattr("gpt.dataset.DROPOUT_MAX_CHARS", 2 * len(text))  # a long text gets fewer copies
+    assert len(np.flatnonzero(prepare_splits(documents, tokenizer, 0.1, bpe_dropout=0.1, copies=4).train == eot)) == 6
+
+
 # ------------------------------------------------------------------------------------------ check_lengths
 
 

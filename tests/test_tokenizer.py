@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from gpt.config import UsageError
 from gpt.corpus import load_documents
@@ -11,6 +11,7 @@ from gpt.dataset import split_documents
 from gpt.tokenizer import (
     EOT,
     PAD,
+    MergeDropout,
     build_tokenizer,
     decode,
     encode,
@@ -181,3 +182,33 @@ def test_build_tokenizer_with_texts():
     assert isinstance(tokenizer, Tokenizer)
     assert tokenizer.get_vocab_size() <= 300
     assert decode(tokenizer, encode(tokenizer, "hello world")) == "hello world"
+
+
+def test_merge_dropout_at_zero_is_the_plain_tokenizer(tokenizer, book):
+    """The merges are applied in the library's order: without dropout, the same ids as tokenizers' own BPE."""
+    plain = MergeDropout(tokenizer, 0.0, seed=1)
+    assert plain.encode(book[:20_000]) == encode(tokenizer, book[:20_000])
+    for text in EXAMPLES:
+        assert plain.encode(text) == encode(tokenizer, text), text
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text())
+def test_merge_dropout_is_lossless_and_finer(tokenizer, text):
+    ids = MergeDropout(tokenizer, 0.3, seed=2).encode(text)
+    assert decode(tokenizer, ids) == text
+    assert len(ids) >= len(encode(tokenizer, text))
+
+
+def test_merge_dropout_repeats_from_its_seed(tokenizer, book):
+    text = book[:5_000]
+    first, again, other = (MergeDropout(tokenizer, 0.1, seed).encode(text) for seed in (7, 7, 8))
+    assert first == again and first != other
+    assert 1.1 < len(first) / len(encode(tokenizer, text)) < 1.4  # p = 0.1: about a quarter more tokens
+
+
+def test_merge_dropout_refuses_tokenizers_it_cannot_reproduce():
+    odd = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")], ignore_merges=True))
+    odd.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    with pytest.raises(UsageError, match="bpe_dropout = 0"):
+        MergeDropout(odd, 0.1, seed=0)

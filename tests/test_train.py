@@ -95,11 +95,13 @@ def interrupt_when(condition, timeout: float = 60.0) -> threading.Thread:
     return thread
 
 
-@pytest.mark.parametrize("weight_average", [0.0, 0.9])
-def test_interrupted_run_resumes_exactly(tmp_path, weight_average):
+@pytest.mark.parametrize("extras", [{}, {"weight_average": 0.9, "bpe_dropout": 0.1, "bpe_copies": 3}])
+def test_interrupted_run_resumes_exactly(tmp_path, extras):
+    """Also with weight averaging and BPE dropout (the resumed run tokenizes the copies again, from the seed)."""
     def configs():
         model_config, train_config = tiny_configs(60)
-        train_config.weight_average = weight_average
+        for name, value in extras.items():
+            setattr(train_config, name, value)
         return model_config, train_config
 
     train(*configs(), tmp_path / "whole", show_progress=False)

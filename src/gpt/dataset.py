@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
 from gpt.config import UsageError
-from gpt.tokenizer import EOT, encode, special_id, text_chunks
+from gpt.tokenizer import EOT, MergeDropout, encode, special_id, text_chunks
 
 
 def split_documents(documents: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
@@ -43,14 +43,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
-    """[EOT] + ids of each document, concatenated; long documents are encoded piece by piece to bound memory."""
+def encode_documents(tokenizer: Tokenizer, documents: list[str], dropout: MergeDropout | None = None) -> np.ndarray:
+    """[EOT] + ids of each document, concatenated; long documents are encoded piece by piece to bound memory.
+    With `dropout`, the documents are segmented with BPE dropout."""
     dtype = token_dtype(tokenizer.get_vocab_size())
     eot = np.array([special_id(tokenizer, EOT)], dtype=dtype)
     pieces = []
     for doc in documents:
         pieces.append(eot)
-        pieces += [np.array(encode(tokenizer, chunk), dtype=dtype) for chunk in text_chunks(doc)]
+        pieces += [np.array(encode(tokenizer, chunk) if dropout is None else dropout.encode(chunk), dtype=dtype)
+                   for chunk in text_chunks(doc)]
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 
@@ -70,24 +72,39 @@ class TokenSplits:
     val_text: list[str]  # empty for prepared shards, which keep only the counts below
     val_chars: int = 0
     val_bytes: int = 0
+    copies: int = 1  # tokenizations of the training text in `train` (BPE dropout)
+
+
+DROPOUT_MAX_CHARS = 10_000_000  # characters segmented with BPE dropout, all copies together (about a minute)
 
 
 def prepare_splits(
-    documents: list[str], tokenizer: Tokenizer, val_fraction: float, folder: Path | None = None
+    documents: list[str], tokenizer: Tokenizer, val_fraction: float, folder: Path | None = None,
+    bpe_dropout: float = 0.0, copies: int = 1, seed: int = 0,
 ) -> TokenSplits:
-    """Tokenize both splits; with a folder, keep them there as memory-mapped files."""
+    """Tokenize both splits; with a folder, keep them there as memory-mapped files.
+
+    With BPE dropout the training split holds `copies` tokenizations of the training text: the plain one,
+    then the rest with dropout, each from its own seed (a small text's regulariser: fewer copies when the
+    text is long, none beyond DROPOUT_MAX_CHARS). Validation is always tokenized plainly.
+    """
     train_docs, val_docs = split_documents(documents, val_fraction)
     if not train_docs or not val_docs:
         characters = sum(len(d) for d in documents)
         raise UsageError(f"the text has {characters} characters, too few to split into training and validation "
                          "parts; use a longer text")
     train_ids = encode_documents(tokenizer, train_docs)
+    extra = min(copies - 1, DROPOUT_MAX_CHARS // max(1, sum(map(len, train_docs)))) if bpe_dropout else 0
+    if extra > 0:
+        variants = [encode_documents(tokenizer, train_docs, MergeDropout(tokenizer, bpe_dropout, (seed << 20) + copy))
+                    for copy in range(1, extra + 1)]
+        train_ids = np.concatenate([train_ids, *variants])
     val_ids = encode_documents(tokenizer, val_docs)
     if folder is not None:
         train_ids = write_tokens(Path(folder) / "train.bin", train_ids)
         val_ids = write_tokens(Path(folder) / "val.bin", val_ids)
     return TokenSplits(train_ids, val_ids, val_docs, sum(map(len, val_docs)),
-                       sum(len(d.encode("utf-8")) for d in val_docs))
+                       sum(len(d.encode("utf-8")) for d in val_docs), copies=1 + max(0, extra))
 
 
 def check_lengths(splits: TokenSplits, sequence_len: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -77,6 +78,41 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
             raise UsageError(f"the text is not valid UTF-8 (an undecodable byte at character {err.start}); "
                              "pass UTF-8 text") from None
     return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+class MergeDropout:
+    """BPE dropout (Provilkov et al., 2020): while a word is segmented, each merge that applies is skipped with
+    probability p, so the same text comes out in other, finer segmentations: more distinct training data from a
+    small text. The tokenizers library has this built in but draws from an unseeded generator; a run must repeat
+    exactly from its seed, so the merges are applied here, in the library's order (lowest rank, then leftmost).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, p: float, seed: int):
+        model = json.loads(tokenizer.to_str())["model"]
+        if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("ignore_merges"):
+            raise UsageError("BPE dropout needs a plain byte-level BPE tokenizer (like gpt train's); set "
+                             "train.bpe_dropout = 0")
+        self.ids = model["vocab"]
+        self.ranks = {tuple(m.split(" ") if isinstance(m, str) else m): rank for rank, m in enumerate(model["merges"])}
+        self.pre_tokenize = tokenizer.pre_tokenizer.pre_tokenize_str
+        self.p, self.random = p, random.Random(seed)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids[symbol] for word, _ in self.pre_tokenize(text) for symbol in self.segment(word)]
+
+    def segment(self, word: str) -> list[str]:
+        symbols = list(word)  # one symbol per byte
+        while len(symbols) > 1:
+            best = None  # (rank, position) of the merge to apply: the lowest rank not dropped this round
+            for i in range(len(symbols) - 1):
+                rank = self.ranks.get((symbols[i], symbols[i + 1]))
+                if rank is not None and (best is None or rank < best[0]) and self.random.random() >= self.p:
+                    best = (rank, i)
+            if best is None:
+                break
+            i = best[1]
+            symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+        return symbols
 
 
 def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:

@@ -228,7 +228,9 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     if world.is_main:
         unigram = unigram_score(splits.train, splits.val, splits.val_text, eot, model_config.vocab_size) \
             if splits.val_text else None
-        say(f"{model.num_params() / 1e6:.2f}M parameters | {len(splits.train):,} training tokens, "
+        copies = f" ({splits.copies} tokenizations, BPE dropout {train_config.bpe_dropout})" \
+            if splits.copies > 1 else ""
+        say(f"{model.num_params() / 1e6:.2f}M parameters | {len(splits.train):,} training tokens{copies}, "
             f"{len(splits.val):,} validation tokens | device {device}{' bf16' if low_precision else ''}"
             f"{' compiled' if compiled else ''}"
             + (f" | a unigram model scores val loss {unigram.loss:.3f} ({unigram.bits_per_char:.3f} bits/char)"
