@@ -47,8 +47,8 @@ def test_blocked_linear_equals_f_linear(threads):
         torch.set_num_threads(before)
 
 
-def test_linear_module_follows_weight_changes_and_thread_count():
-    """The kept row-block views must never serve a stale weight."""
+def test_linear_step_follows_weight_changes_and_thread_count():
+    """The row-block views `step` keeps must never serve a stale weight."""
     before = torch.get_num_threads()
     torch.manual_seed(0)
     layer, x = Linear(8, 12), torch.randn(1, 8)
@@ -56,18 +56,21 @@ def test_linear_module_follows_weight_changes_and_thread_count():
         for threads in (2, 3, 2):
             torch.set_num_threads(threads)
             with torch.no_grad():
-                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+                torch.testing.assert_close(layer.step(x), F.linear(x, layer.weight, layer.bias))
                 layer.weight.mul_(2.0)  # in place: same storage
-                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+                torch.testing.assert_close(layer.step(x), F.linear(x, layer.weight, layer.bias))
                 layer.weight.data = torch.randn(12, 8)  # new storage
-                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+                torch.testing.assert_close(layer.step(x), F.linear(x, layer.weight, layer.bias))
                 layer.bias.data = torch.randn(12)
-                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+                torch.testing.assert_close(layer.step(x), F.linear(x, layer.weight, layer.bias))
                 layer.load_state_dict({"weight": torch.randn(12, 8), "bias": torch.randn(12)})
-                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
-        out = layer(x)  # with autograd: gradients reach the weight
-        out.sum().backward()
-        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+                torch.testing.assert_close(layer.step(x), F.linear(x, layer.weight, layer.bias))
+                many = torch.randn(20, 8)  # more rows than the fast path takes
+                torch.testing.assert_close(layer.step(many), F.linear(many, layer.weight, layer.bias))
+        for out in (layer(x), layer.step(x)):  # with autograd: gradients reach the weight
+            layer.weight.grad = None
+            out.sum().backward()
+            assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     finally:
         torch.set_num_threads(before)
 
@@ -152,6 +155,23 @@ def test_kv_cache_matches_full_forward(arch):
     cache = KVCache(model.config, 2, "cpu", torch.float32)
     pieces = [model(x[:, a:b], None, cache) for a, b in [(0, 5), (5, 6), (6, 10), (10, 14)]]
     assert (torch.cat(pieces, dim=1) - model(x)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_step_equals_forward_with_left_padding(arch):
+    """The flat one-token path against the general forward, with a left-padded row in the batch."""
+    model = tiny(arch, sequence_len=12)
+    x = torch.randint(1, 97, (2, 10))
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[0, :3] = True
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    model(x[:, :4], pad[:, :4], cache)
+    for t in range(4, 10):
+        stepped = model.decode_step(x[:, t], cache)  # (2, vocab)
+        assert (stepped - model(x[:, : t + 1], pad[:, : t + 1])[:, -1]).abs().max() <= 1e-4, t
+    with pytest.raises(ValueError, match="sequence_len"):
+        for t in range(3):
+            model.decode_step(x[:, t], cache)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -33,15 +33,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     matrix-vector product reads on one thread. As a batch of row blocks the same dot products run on
     every thread: 1.6x faster matrix-vector products on 2 cores (docs/benchmarks.md).
     """
-    blocks = row_blocks_for(x, weight)
+    blocks = row_blocks_of(weight) if x.numel() <= 16 * x.size(-1) else 0
     return blocked_linear(x, *split_rows(weight, bias, blocks)) if blocks else F.linear(x, weight, bias)
 
 
-def row_blocks_for(x: torch.Tensor, weight: torch.Tensor) -> int:
-    """The number of row blocks `linear` uses: one per thread, or 0 where plain F.linear is the better choice."""
+def row_blocks_of(weight: torch.Tensor) -> int:
+    """The number of row blocks `linear` splits a weight into: one per thread, or 0 for plain F.linear."""
     blocks = torch.get_num_threads()
-    few_rows = x.numel() <= 16 * x.size(-1)
-    usable = few_rows and blocks > 1 and x.is_cpu and weight.size(0) % blocks == 0 and weight.is_contiguous()
+    usable = blocks > 1 and weight.is_cpu and weight.size(0) % blocks == 0 and weight.is_contiguous()
     return blocks if usable else 0
 
 
@@ -55,26 +54,32 @@ def split_rows(
 
 def blocked_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     rows = x.numel() // x.size(-1)
-    x_blocks = x.reshape(1, rows, -1).expand(w.size(0), rows, -1)  # (blocks, rows, in)
+    x_blocks = (x if x.dim() == 2 else x.reshape(rows, -1)).expand(w.size(0), rows, -1)  # (blocks, rows, in)
     y = torch.bmm(x_blocks, w) if b is None else torch.baddbmm(b, x_blocks, w)  # (blocks, rows, out / blocks)
     return y.view(*x.shape[:-1], -1) if rows == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], -1)
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state dict) computed by `linear`, keeping its row-block views.
+    """nn.Linear (same parameters, same state dict) computed by `linear`, with a fast path for decoding.
 
-    Taking the views costs more Python than multiplying one row, so decoding reuses them; they are taken
-    again when the weight's storage or the thread count changes, and used only without autograd.
+    `step` multiplies a few rows by row-block views of the weight that it keeps between calls: taking the
+    views, and a module call, cost more Python than multiplying one row. The views alias the parameters, so
+    in-place updates show through them; they are taken again when the weight or bias is replaced.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = row_blocks_for(x, self.weight)
-        if not blocks or torch.is_grad_enabled():
-            return linear(x, self.weight, self.bias)
-        key = (self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(), blocks)
-        if self.__dict__.get("_row_blocks_key") != key:
-            self._row_blocks_key, self._row_blocks = key, split_rows(self.weight, self.bias, blocks)
-        return blocked_linear(x, *self._row_blocks)
+        return linear(x, self.weight, self.bias)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in) -> (B, out): one decoding step."""
+        weight, bias = self.weight, self.bias
+        if torch.is_grad_enabled() or x.size(0) > 16:  # views taken without autograd would stop gradients
+            return linear(x, weight, bias)
+        key = (weight.data_ptr(), None if bias is None else bias.data_ptr(), torch.get_num_threads())
+        if self.__dict__.get("_step_key") != key:
+            blocks = row_blocks_of(weight)
+            self._step_key, self._step_views = key, split_rows(weight, bias, blocks) if blocks else None
+        return F.linear(x, weight, bias) if self._step_views is None else blocked_linear(x, *self._step_views)
 
 
 class KVCache:
@@ -119,6 +124,15 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, E)
         return self.resid_dropout(self.proj(y))
 
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: int, mask: torch.Tensor | None):
+        """forward() for one new position per row, x (B, E), its key and value stored at slot `at`."""
+        B, E = x.shape
+        q, k, v = self.qkv.step(x).view(B, 3, self.num_heads, 1, E // self.num_heads).unbind(1)  # (B, H, 1, D)
+        keys[:, :, at : at + 1] = k
+        values[:, :, at : at + 1] = v
+        y = F.scaled_dot_product_attention(q, keys[:, :, : at + 1], values[:, :, : at + 1], attn_mask=mask)
+        return self.proj.step(y.view(B, E))  # (B, H, 1, D) -> (B, E)
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -131,6 +145,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(self.gelu(self.fc(x))))
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj.step(F.gelu(self.fc.step(x), approximate=self.gelu.approximate))
 
 
 class Block(nn.Module):
@@ -148,6 +165,18 @@ class Block(nn.Module):
             return x + self.mlp(self.ln_2(x))
         x = self.ln_1(x + self.attn(x, mask, cache))
         return self.ln_2(x + self.mlp(x))
+
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: int, mask: torch.Tensor | None):
+        """forward() for one new position per row, x (B, E) -> (B, E), without dropout."""
+        if self.pre_ln:
+            x = x + self.attn.step(norm(x, self.ln_1), keys, values, at, mask)
+            return x + self.mlp.step(norm(x, self.ln_2))
+        x = norm(x + self.attn.step(x, keys, values, at, mask), self.ln_1)
+        return norm(x + self.mlp.step(x), self.ln_2)
+
+
+def norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
 class GPT(nn.Module):
@@ -223,6 +252,25 @@ class GPT(nn.Module):
             cache.next_position = cache.next_position + (T if real is None else real.sum(1))
             cache.length += T
         return linear(x, self.token_embed.weight)  # (B, T, vocab), tied to the input embedding
+
+    def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row (B,) -> logits (B, vocab) for the position after it, extending the cache.
+
+        forward() on one position, written flat: decoding a token is little arithmetic, so on a CPU the
+        module calls, dropout no-ops, masks and reshapes of the general path are most of a step (this path
+        is about 1.5x faster, docs/benchmarks.md). Evaluation only; tests hold it to forward() at every step.
+        """
+        at = cache.length
+        if at >= self.config.sequence_len:
+            raise ValueError(f"{at + 1} positions exceed sequence_len {self.config.sequence_len}")
+        mask = cache.real[:, None, None, : at + 1] if cache.has_padding else None  # (B, 1, 1, S): real keys
+        x = self.token_embed.weight[token] + self.position_embed.weight[cache.next_position]  # (B, E)
+        for block, keys, values in zip(self.blocks, cache.keys, cache.values):
+            x = block.step(x, keys, values, at, mask)
+        if self.config.arch == "gpt2":
+            x = norm(x, self.ln_f)
+        cache.length, cache.next_position = at + 1, cache.next_position + 1
+        return linear(x, self.token_embed.weight)  # (B, vocab)
 
     def _embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
         """Embedding dropout (AWD-LSTM's): in training, whole vocabulary entries are dropped from the input
@@ -332,5 +380,5 @@ class Decoder:
         elif self.cache is None:
             self.logits = self._prefill()
         else:
-            self.logits = self.model(step, step_pad, self.cache)[:, -1]
+            self.logits = self.model.decode_step(token, self.cache)
         return self.logits
