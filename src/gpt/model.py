@@ -257,8 +257,8 @@ class GPT(nn.Module):
         """One new token per row (B,) -> logits (B, vocab) for the position after it, extending the cache.
 
         forward() on one position, written flat: decoding a token is little arithmetic, so on a CPU the
-        module calls, dropout no-ops, masks and reshapes of the general path are most of a step (this path
-        is about 1.5x faster, docs/benchmarks.md). Evaluation only; tests hold it to forward() at every step.
+        module calls, dropout no-ops, masks and reshapes of the general path are a large part of a step (a
+        flat step measured 1.3-1.6x faster, docs/benchmarks.md). Evaluation only; tests hold it to forward().
         """
         at = cache.length
         if at >= self.config.sequence_len:
