@@ -258,7 +258,7 @@ class GPT(nn.Module):
 
         forward() on one position, written flat: decoding a token is little arithmetic, so on a CPU the
         module calls, dropout no-ops, masks and reshapes of the general path are a large part of a step (a
-        flat step measured 1.3-1.6x faster, docs/benchmarks.md). Evaluation only; tests hold it to forward().
+        flat step measured 1.45-1.9x faster, docs/benchmarks.md). Evaluation only; tests hold it to forward().
         """
         at = cache.length
         if at >= self.config.sequence_len:
