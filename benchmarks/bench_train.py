@@ -12,15 +12,19 @@ at 1.0, AdamW step, zero_grad. Ours uses `model.loss` and `gpt.train.make_optimi
 use `model(input_ids=x).logits` + `F.cross_entropy` (not `labels=`, which shifts and would score T-1 targets)
 and a `torch.optim.AdamW` with the same learning rate, betas, eps, weight-decay split and fused flag.
 
-bf16 runs the same fp32 models under `torch.autocast("cpu", dtype=torch.bfloat16)`. Without avx512_bf16 or
+bf16 runs the same fp32 models under `torch.autocast(device, dtype=torch.bfloat16)`. Without avx512_bf16 or
 AMX the CPU emulates bf16 matmuls, so expect it to be slower than fp32 there; the numbers are printed as
 measured.
 
 The models are interleaved in one process (round-robin, a few steps each, several rounds, starting with a
 different model each round) so background load hits all of them alike; warm-up steps are not timed. The
 table gives the median tokens/s over the timed steps, our speed over each model's, and the FLOP utilisation:
-`GPT.flops_per_token()` x tokens/s over an assumed peak of cores x FLOP/cycle x clock (the same FLOP count is
-used for all three models, whose matmul shapes are identical). Threads are left at torch's default.
+`GPT.flops_per_token()` x tokens/s over an assumed fp32 peak of cores x FLOP/cycle x clock, for fp32 rows only
+(the same FLOP count is used for all three models, whose matmul shapes are identical). Threads are left at
+torch's default.
+
+`--device cuda` runs the same on a GPU (each step timed after `torch.cuda.synchronize()`; no MFU, no peak
+assumed); the default is the CPU, which the targets in docs/benchmarks.md are about.
 """
 
 from __future__ import annotations
@@ -103,10 +107,10 @@ class Row:
 # ---------------------------------------------------------------- models
 
 
-def build_ours(size: Size) -> Contender:
+def build_ours(size: Size, device: str = "cpu") -> Contender:
     config = ModelConfig(vocab_size=size.vocab, sequence_len=size.block, num_layers=size.layers,
                          embed_dim=size.width, num_heads=size.heads, forward_expansion=4, dropout=0.0, arch="gpt1")
-    model = GPT(config=config)
+    model = GPT(config=config).to(device)
     return Contender(OURS, model, make_optimizer(model, TrainConfig()), model.loss, "F.scaled_dot_product_attention")
 
 
@@ -150,12 +154,13 @@ def logits_loss(model: nn.Module) -> LossFn:
     return loss
 
 
-def build_contenders(size: Size) -> list[Contender]:
+def build_contenders(size: Size, device: str = "cpu") -> list[Contender]:
     torch.manual_seed(0)
-    ours = build_ours(size)
+    ours = build_ours(size, device)
     contenders = [ours]
     for kind, name in (("openai", "transformers OpenAIGPTLMHeadModel"), ("gpt2", "transformers GPT2LMHeadModel")):
         model, attention = build_hf_model(kind, size)
+        model.to(device)
         optimizer = mirror_optimizer(model, ours.optimizer, TrainConfig())
         contenders.append(Contender(name, model, optimizer, logits_loss(model), attention))
     for c in contenders:
@@ -166,30 +171,35 @@ def build_contenders(size: Size) -> list[Contender]:
 # ---------------------------------------------------------------- timing
 
 
-def make_batches(size: Size, count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(size: Size, count: int, seed: int = 0, device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
-        tokens = torch.randint(0, size.vocab, (size.batch, size.block + 1), generator=generator)
+        tokens = torch.randint(0, size.vocab, (size.batch, size.block + 1), generator=generator).to(device)
         batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
     return batches
 
 
-def precision_context(precision: str) -> contextlib.AbstractContextManager:
+def precision_context(precision: str, device_type: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def train_step(c: Contender, x: torch.Tensor, y: torch.Tensor, precision: str) -> float:
-    """One full training step; returns its wall-clock seconds."""
+    """One full training step; returns its wall-clock seconds (on a GPU, until its kernels have finished)."""
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    with precision_context(precision):
+    with precision_context(precision, x.device.type):
         loss = c.loss_fn(x, y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(c.model.parameters(), 1.0)
     c.optimizer.step()
     c.optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -237,11 +247,11 @@ def cpu_model(cpuinfo: str, lscpu_text: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(flops_per_cycle: int | None) -> dict:
-    """The peak is gpt.hardware's estimate, the one `gpt train` logs MFU against."""
+def machine_info(flops_per_cycle: int | None, device: str) -> dict:
+    """The peak is gpt.hardware's estimate, the one `gpt train` logs MFU against (CPU only)."""
     cpuinfo = read_cpuinfo()
     flags = cpu_flags(cpuinfo)
-    peak = cpu_peak(cpuinfo)
+    peak = cpu_peak(cpuinfo) if device == "cpu" else None
     if peak is not None and flops_per_cycle is not None:
         peak.flops_per_cycle = flops_per_cycle
     return {
@@ -250,6 +260,7 @@ def machine_info(flops_per_cycle: int | None) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu": cpu_model(cpuinfo, lscpu()),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "peak": str(peak) if peak else None,
@@ -266,7 +277,7 @@ def make_rows(size_name: str, precision: str, contenders: list[Contender], secon
     speed = {name: tokens / statistics.median(s) for name, s in seconds.items()}
     rows = []
     for c in contenders:
-        mfu = flops_per_token * speed[c.name] / peak if peak else None
+        mfu = flops_per_token * speed[c.name] / peak if peak and precision == "fp32" else None  # an fp32 peak
         rows.append(Row(size_name, precision, c.name, c.attention, tokens, seconds[c.name], speed[c.name],
                         speed[OURS] / speed[c.name], mfu))
     return rows
@@ -276,10 +287,10 @@ def header(info: dict) -> list[str]:
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in info["flags"].items())
     return [
         f"torch {info['torch']}, transformers {info['transformers']}, {info['date']}, CPU {info['cpu']}, "
-        f"torch threads {info['torch_threads']} (default, not set)",
+        f"torch threads {info['torch_threads']} (default, not set), device {info['device']}",
         f"CPU flags: {flags}",
         f"peak fp32 assumed (gpt.hardware; FLOP/cycle = 2 FMA units x floats per vector x 2): "
-        f"{info['peak'] or 'unknown (no clock in /proc/cpuinfo)'}",
+        f"{info['peak'] or ('unknown (no clock in /proc/cpuinfo)' if info['device'] == 'cpu' else 'none (GPU)')}",
     ]
 
 
@@ -312,6 +323,12 @@ def summary(rows: list[Row]) -> list[str]:
         best = max((r for r in group if r.model != OURS), key=lambda r: r.tokens_per_s)
         lines.append(f"{key[0]} {key[1]}: ours {ours.tokens_per_s:,.0f} tok/s = {best.ratio:.2f}x the faster "
                      f"transformers class ({best.model}, {best.tokens_per_s:,.0f} tok/s)")
+        if key[1] == "bf16":  # the trainer's default on bf16 hardware, against the peers' plain fp32
+            fp32 = [r for r in rows if (r.size, r.precision) == (key[0], "fp32") and r.model != OURS]
+            if fp32:
+                peer = max(fp32, key=lambda r: r.tokens_per_s)
+                lines.append(f"{key[0]} ours bf16 / the faster transformers class in fp32 ({peer.model}): "
+                             f"{ours.tokens_per_s / peer.tokens_per_s:.2f}x")
     return lines
 
 
@@ -337,6 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: S 3, M 1)")
     parser.add_argument("--flops-per-cycle", type=int, default=None,
                         help="per core, for the peak (default: from the CPU's flags; AVX2 fp32: 32)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     for name in ("rounds", "steps_per_round"):
@@ -344,6 +362,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.warmup is not None and args.warmup < 0:
         parser.error("--warmup must be zero or more")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available here")
     return args
 
 
@@ -351,8 +371,8 @@ def bench_size(size_name: str, args: argparse.Namespace, peak: float | None) -> 
     size = SIZES[size_name]
     rounds, steps = args.rounds or size.rounds, args.steps_per_round or size.steps
     warmup = size.warmup if args.warmup is None else args.warmup
-    contenders = build_contenders(size)
-    batches = make_batches(size, count=max(4, warmup))
+    contenders = build_contenders(size, args.device)
+    batches = make_batches(size, count=max(4, warmup), device=args.device)
     flops_per_token = contenders[0].model.flops_per_token()
     lines = size_lines(size_name, size, contenders, initial_losses(contenders, *batches[0]), flops_per_token)
     lines.append(f"  {rounds} rounds x {steps} steps per model, {warmup} warm-up steps per model untimed")
@@ -367,7 +387,7 @@ def bench_size(size_name: str, args: argparse.Namespace, peak: float | None) -> 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    info = machine_info(args.flops_per_cycle)
+    info = machine_info(args.flops_per_cycle, args.device)
     print("\n".join(header(info)), flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after minutes of timing
