@@ -3,7 +3,7 @@ utilisation (MFU): the model's FLOPs per second over what the cores could do at 
 
 The peak is an estimate: cores x fp32 FLOP per cycle per core (from the vector units the CPU reports)
 x the clock /proc/cpuinfo shows. Cores that boost above that clock make MFU read high. There is no
-estimate for GPUs or for systems without /proc/cpuinfo (MFU is then not reported).
+estimate for GPUs, for bf16 training, or for systems without /proc/cpuinfo (MFU is then not reported).
 """
 
 from __future__ import annotations

@@ -81,6 +81,14 @@ def compiles(device: torch.device, setting: bool | None) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
+def compile_step(module: torch.nn.Module, device: torch.device, world: distributed.World) -> torch.nn.Module:
+    """On one GPU, CUDA graphs ("reduce-overhead") replay the step's kernels without launching each from Python:
+    the default preset's step ran 2.1-2.3x faster than with plain compile on an H200 (docs/benchmarks.md). Under
+    torchrun the plain mode, since the graphs would hold the gradient all-reduce hooks of DDP/FSDP."""
+    mode = "reduce-overhead" if device.type == "cuda" and not world.active else None
+    return torch.compile(module, mode=mode)
+
+
 def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:
     """Weight decay on matrices (and embeddings) only; biases and LayerNorm gains are left alone."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
@@ -205,7 +213,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     model = GPT(config=model_config).to(device)
     wrapped = distributed.wrap(model, world, device)
     compiled = compiles(device, train_config.compile)
-    step_forward = torch.compile(wrapped) if compiled else wrapped  # validation runs the plain model
+    step_forward = compile_step(wrapped, device, world) if compiled else wrapped  # validation runs the plain model
     optimizer = make_optimizer(model, train_config)
     step, elapsed, best_val, windows_seen = 0, 0.0, math.inf, 0
     if state is not None:
@@ -224,7 +232,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     micro, accum = train_config.batch_size, train_config.grad_accum
     global_batch = micro * accum * world.size
     say = print if show_progress else (lambda *a, **k: None)
-    peak = peak_flops(device) if world.size == 1 else None  # cores shared by several processes: no estimate
+    # no estimate for cores shared by several processes, nor for bf16 (the peak is fp32's)
+    peak = peak_flops(device) if world.size == 1 and low_precision is None else None
     if world.is_main:
         unigram = unigram_score(splits.train, splits.val, splits.val_text, eot, model_config.vocab_size) \
             if splits.val_text else None
@@ -333,12 +342,12 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
             saving = evaluating or step % train_config.checkpoint_interval == 0
             if not (logging or saving):
                 continue
-            train_loss = distributed.average(loss_sum / accum, world).item()
+            train_loss = distributed.average(loss_sum / accum, world).item()  # waits for the step to finish
+            speed = window_steps * tokens_per_step / max(time.perf_counter() - window_start, 1e-9)  # since last row
             if not math.isfinite(train_loss):
                 raise UsageError(diverged(f"the training loss became {train_loss} at step {step}", out))
             score, validated = validate() if evaluating and (world.is_main or world.fsdp) else (None, True)
             if logging:
-                speed = window_steps * tokens_per_step / max(time.perf_counter() - window_start, 1e-9)
                 row = {"step": step, "train_loss": round(train_loss, 6), "lr": lr,
                        "tokens_seen": windows_seen * model_config.sequence_len, "elapsed": round(elapsed, 3),
                        "tokens_per_s": round(speed)}
@@ -354,7 +363,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                            **({"mfu": f"{100 * row['mfu']:.0f}%"} if peak else {}))
             if saving:
                 checkpoint(score.loss if score else None, validation_failed=not validated)
-                window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps = time.perf_counter(), 0
     if world.is_main:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     interrupted_by = (stop.received or "SIGTERM") if stopping else None
