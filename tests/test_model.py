@@ -258,6 +258,19 @@ def test_generate_zero_tokens_and_batch():
     assert model.generate(prompt, 5, temperature=1.0, top_k=5, top_p=0.9).shape == (3, 9)
 
 
+def test_generated_tokens_can_be_trained_on():
+    """Decoding runs in inference mode; what it hands out must still be usable where autograd records."""
+    model = tiny()
+    prompt = torch.randint(1, 97, (2, 4))
+    generated = model.generate(prompt, 6, temperature=0)
+    streamed = list(model.stream(prompt, 3))
+    model.train()
+    model.loss(generated[:, :-1], generated[:, 1:]).backward()
+    for token in streamed:  # (B,) ids, as yielded
+        model.token_embed(token).sum().backward()
+    assert model.token_embed.weight.grad is not None
+
+
 def test_loss_ignores_padding_targets():
     model = tiny()
     x = torch.randint(1, 97, (2, 6))
