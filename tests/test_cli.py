@@ -33,6 +33,10 @@ def test_train_generate_eval_end_to_end(tmp_path):
     report = json.loads(scored.stdout)
     assert set(report) == {"loss", "perplexity", "bits_per_char", "bits_per_byte", "tokens", "chars"}
     assert report["chars"] == len(text.read_text())
+    adapted = gpt("eval", "--checkpoint", str(out), "--text", str(text), "--json", "--adapt")
+    adapted_report = json.loads(adapted.stdout)
+    assert adapted_report["adapt_lr"] > 0 and adapted_report["tokens"] == report["tokens"]
+    assert adapted_report["bits_per_char"] < report["bits_per_char"]  # a text that repeats itself: learnt as read
     default = gpt("eval", "--checkpoint", str(out))
     assert default.returncode == 0 and "validation split" in default.stdout and "bits/char" in default.stdout
 
@@ -47,8 +51,9 @@ def test_invalid_sampling_value_from_the_shell(tiny_run):
     assert_one_clear_line(gpt("generate", "--checkpoint", str(tiny_run), "Alice", "--top-p", "1.5"), "top-p")
 
 
-def test_eval_rejects_a_bad_stride(tiny_run):
+def test_eval_rejects_a_bad_stride_or_adaptation_rate(tiny_run):
     assert_one_clear_line(gpt("eval", "--checkpoint", str(tiny_run), "--stride", "0"), "stride")
+    assert_one_clear_line(gpt("eval", "--checkpoint", str(tiny_run), "--adapt", "-1"), "learning rate")
 
 
 def test_generate_with_stop_strings_and_filters(tiny_run):

@@ -233,3 +233,31 @@ def test_unigram_unseen_token_is_finite():
     assert math.isfinite(score.loss) and score.loss > 0
     # add-one smoothing: p(4) = 1 / (4 train tokens + 8)
     assert score.loss == pytest.approx(math.log(12))
+
+
+# ------------------------------------------------------------------------------------ dynamic evaluation
+
+
+def test_adaptive_scoring_scores_every_token_once_and_leaves_the_model(model):
+    ids = random_ids(5 * T + 3, seed=8)
+    ids[[7, 2 * T]] = IGNORE
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = total_nats(model, ids, IGNORE, stride=4)
+    barely = total_nats(model, ids, IGNORE, stride=4, adapt_lr=1e-12)  # steps too small to change a score
+    assert barely[1] == plain[1] == len(ids) - 1 - 2
+    assert barely[0] == pytest.approx(plain[0], rel=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_adaptive_scoring_learns_a_repeated_pattern(model):
+    """Text that repeats is predicted better once the model has read it: the point of dynamic evaluation."""
+    ids = np.tile(random_ids(12, seed=9), 20)
+    plain, count = total_nats(model, ids, IGNORE)
+    adapted, adapted_count = total_nats(model, ids, IGNORE, adapt_lr=0.5)
+    assert adapted_count == count
+    assert adapted < 0.7 * plain
+
+
+def test_adaptive_learning_rate_must_be_positive(model):
+    with pytest.raises(UsageError, match="learning rate must be positive"):
+        total_nats(model, random_ids(40), IGNORE, adapt_lr=0.0)

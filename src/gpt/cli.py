@@ -11,6 +11,8 @@ from pathlib import Path
 
 from gpt.config import DEFAULT_PRESET, PRESETS, UsageError, apply_overrides, load_toml, parse_duration, preset
 
+ADAPT_LR = 0.01  # gpt eval --adapt's default: the best of those tried on Alice's validation split (docs/training.md)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
@@ -74,6 +76,9 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="a folder written by gpt train")
     evaluate.add_argument("--text", help="a text file or folder to score (default: the validation split)")
     evaluate.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: context / 2)")
+    evaluate.add_argument("--adapt", nargs="?", type=float, const=ADAPT_LR, metavar="LR",
+                          help="dynamic evaluation: the model learns from each window after scoring it (SGD, "
+                               f"learning rate LR, default {ADAPT_LR}), as adaptive compressors do")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     add_device(evaluate)
 
@@ -228,19 +233,22 @@ def run_eval(args: argparse.Namespace) -> int:
     source = checkpoint.info.get("data", "alice")
     if args.text:
         what = args.text
-        score = evaluate_documents(checkpoint.model, checkpoint.tokenizer, load_documents(args.text), args.stride)
+        score = evaluate_documents(checkpoint.model, checkpoint.tokenizer, load_documents(args.text), args.stride,
+                                   adapt_lr=args.adapt)
     elif is_prepared(source):
         what, splits = f"validation shards of {source}", load_prepared(source)[1]
-        nats, tokens = total_nats(checkpoint.model, splits.val, special_id(checkpoint.tokenizer, EOT), args.stride)
+        nats, tokens = total_nats(checkpoint.model, splits.val, special_id(checkpoint.tokenizer, EOT), args.stride,
+                                  adapt_lr=args.adapt)
         score = score_from_counts(nats, tokens, splits.val_chars, splits.val_bytes)
     else:
         what = f"validation split of {source}"
         documents = split_documents(load_documents(source), checkpoint.train_config.val_fraction)[1]
-        score = evaluate_documents(checkpoint.model, checkpoint.tokenizer, documents, args.stride)
+        score = evaluate_documents(checkpoint.model, checkpoint.tokenizer, documents, args.stride, adapt_lr=args.adapt)
     if args.json:
-        print(json.dumps(score.as_dict()))
+        print(json.dumps(score.as_dict() | ({"adapt_lr": args.adapt} if args.adapt else {})))
     else:
-        print(f"{what}: {score.tokens:,} tokens, {score.chars:,} characters\n"
+        how = f", scored adaptively (dynamic evaluation, SGD learning rate {args.adapt:g})" if args.adapt else ""
+        print(f"{what}: {score.tokens:,} tokens, {score.chars:,} characters{how}\n"
               f"loss {score.loss:.4f} nats/token | perplexity {score.perplexity:.2f} | "
               f"{score.bits_per_char:.4f} bits/char | {score.bits_per_byte:.4f} bits/byte")
     return 0

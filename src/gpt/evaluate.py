@@ -7,10 +7,16 @@ sees at least sequence_len - stride tokens of context. Each document starts with
 token, which serves as context for its first token and is never scored itself. Because the
 tokenizer is lossless and every character is covered once, bits per character is comparable
 across tokenizers: total nats / (characters * ln 2).
+
+`adapt_lr` turns on dynamic evaluation (Krause et al., 2018): the same windows, in order, and after each one a
+copy of the model takes a gradient step on the tokens it has just scored. Every token is still predicted before
+the model learns from it, so this is the code length an adaptive compressor such as PPMd reports: a different
+number from the plain score, and labelled as such wherever it is printed.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -60,16 +66,23 @@ def windows(num_tokens: int, sequence_len: int, stride: int) -> list[tuple[int, 
     return spans
 
 
-@torch.no_grad()
-def total_nats(
-    model: GPT, ids: np.ndarray, ignore_id: int, stride: int | None = None, batch_size: int = 32,
-    autocast_dtype: torch.dtype | None = None,
-) -> tuple[float, int]:
-    """Sum of -log p over every target token except `ignore_id`, and how many were scored."""
-    T = model.config.sequence_len
+def checked_stride(stride: int | None, T: int) -> int:
     stride = max(1, T // 2) if stride is None else stride
     if not 0 < stride <= T:
         raise UsageError(f"the stride must be between 1 and the context length {T}, got {stride}")
+    return stride
+
+
+@torch.no_grad()
+def total_nats(
+    model: GPT, ids: np.ndarray, ignore_id: int, stride: int | None = None, batch_size: int = 32,
+    autocast_dtype: torch.dtype | None = None, adapt_lr: float | None = None,
+) -> tuple[float, int]:
+    """Sum of -log p over every target token except `ignore_id`, and how many were scored."""
+    if adapt_lr is not None:
+        return adaptive_nats(model, ids, ignore_id, stride, adapt_lr)
+    T = model.config.sequence_len
+    stride = checked_stride(stride, T)
     device = model.token_embed.weight.device
     was_training = model.training
     model.eval()
@@ -95,12 +108,40 @@ def total_nats(
     return float(nats), count
 
 
+@torch.enable_grad()
+def adaptive_nats(model: GPT, ids: np.ndarray, ignore_id: int, stride: int | None, lr: float) -> tuple[float, int]:
+    """total_nats with dynamic evaluation: score a window's new tokens, then one SGD step on their mean loss.
+    The steps change a copy; `model` is left as it was."""
+    if not lr > 0:
+        raise UsageError(f"the adaptation learning rate must be positive, got {lr}")
+    T = model.config.sequence_len
+    stride = checked_stride(stride, T)
+    reader = copy.deepcopy(model).eval()  # eval: no dropout, gradients still flow
+    optimizer = torch.optim.SGD(reader.parameters(), lr=lr)
+    device = reader.token_embed.weight.device
+    ids_t = torch.from_numpy(np.asarray(ids).astype(np.int64)).to(device)
+    nats, count = torch.zeros((), dtype=torch.float64), 0
+    for begin, end, new in windows(len(ids_t), T, stride):
+        targets = ids_t[begin + 1 : end + 1][-new:]
+        losses = F.cross_entropy(reader(ids_t[None, begin:end])[0, -new:].float(), targets, reduction="none")
+        losses = losses[targets != ignore_id]
+        if losses.numel() == 0:
+            continue
+        nats += losses.detach().double().sum().cpu()
+        count += losses.numel()
+        optimizer.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        optimizer.step()
+    return float(nats), count
+
+
 def evaluate_documents(
     model: GPT, tokenizer: Tokenizer, documents: list[str], stride: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
+    autocast_dtype: torch.dtype | None = None, adapt_lr: float | None = None,
 ) -> Score:
     ids = encode_documents(tokenizer, documents)
-    nats, tokens = total_nats(model, ids, special_id(tokenizer, EOT), stride, autocast_dtype=autocast_dtype)
+    nats, tokens = total_nats(model, ids, special_id(tokenizer, EOT), stride, autocast_dtype=autocast_dtype,
+                              adapt_lr=adapt_lr)
     return make_score(nats, tokens, documents)
 
 
