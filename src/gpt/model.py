@@ -314,7 +314,7 @@ class GPT(nn.Module):
         for token in self._decode(idx, max_new_tokens, params, pad_mask, generator, use_cache):
             yield token.clone()  # made outside inference mode: a tensor autograd accepts, should it meet one
 
-    @torch.inference_mode()  # no autograd bookkeeping per op: decoding steps ran about 20% faster than in no_grad
+    @torch.inference_mode()  # no autograd bookkeeping per op: cached steps ran 4-17% faster than in no_grad
     def _decode(
         self, idx: torch.Tensor, max_new_tokens: int, params: SamplingParams | None,
         pad_mask: torch.Tensor | None, generator: torch.Generator | None, use_cache: bool,

@@ -83,7 +83,7 @@ def compiles(device: torch.device, setting: bool | None) -> bool:
 
 def compile_step(module: torch.nn.Module, device: torch.device, world: distributed.World) -> torch.nn.Module:
     """On one GPU, CUDA graphs ("reduce-overhead") replay the step's kernels without launching each from Python:
-    the default preset's step ran 2.1-2.3x faster than with plain compile on an H200 (docs/benchmarks.md). Under
+    the default preset's step ran 2.1-2.4x faster than with plain compile on an H200 (docs/benchmarks.md). Under
     torchrun the plain mode, since the graphs would hold the gradient all-reduce hooks of DDP/FSDP."""
     mode = "reduce-overhead" if device.type == "cuda" and not world.active else None
     return torch.compile(module, mode=mode)
