@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig, UsageError
-from gpt.model import GPT, Decoder, KVCache, Linear, linear
+from gpt.model import GPT, DecodePlan, Decoder, KVCache, linear
 from gpt.sampling import SamplingParams
 
 ARCHS = ["gpt1", "gpt2"]
@@ -47,30 +47,29 @@ def test_blocked_linear_equals_f_linear(threads):
         torch.set_num_threads(before)
 
 
-def test_linear_step_follows_weight_changes_and_thread_count():
-    """The row-block views `step` keeps must never serve a stale weight."""
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_plan_steps_equal_forward_and_follow_new_weights(threads, arch):
+    """Row-block views (two or one per thread, where they divide the rows) or plain weights (one thread): the
+    step equals forward(); a plan taken after the weights change, in place or by loading, reads the new ones."""
     before = torch.get_num_threads()
-    torch.manual_seed(0)
-    layer, x = Linear(8, 12), torch.randn(1, 8)
+    torch.set_num_threads(threads)
     try:
-        for threads in (2, 3, 2):
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                torch.testing.assert_close(layer.step(x), F.linear(x, layer.weight, layer.bias))
-                layer.weight.mul_(2.0)  # in place: same storage
-                torch.testing.assert_close(layer.step(x), F.linear(x, layer.weight, layer.bias))
-                layer.weight.data = torch.randn(12, 8)  # new storage
-                torch.testing.assert_close(layer.step(x), F.linear(x, layer.weight, layer.bias))
-                layer.bias.data = torch.randn(12)
-                torch.testing.assert_close(layer.step(x), F.linear(x, layer.weight, layer.bias))
-                layer.load_state_dict({"weight": torch.randn(12, 8), "bias": torch.randn(12)})
-                torch.testing.assert_close(layer.step(x), F.linear(x, layer.weight, layer.bias))
-                many = torch.randn(20, 8)  # more rows than the fast path takes
-                torch.testing.assert_close(layer.step(many), F.linear(many, layer.weight, layer.bias))
-        for out in (layer(x), layer.step(x)):  # with autograd: gradients reach the weight
-            layer.weight.grad = None
-            out.sum().backward()
-            assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+        model = tiny(arch, vocab_size=96)
+        x = torch.randint(1, 96, (2, 10))
+        for change in ("none", "in place", "loaded"):
+            if change == "in place":
+                with torch.no_grad():
+                    for param in model.parameters():
+                        param.mul_(1.5)
+            elif change == "loaded":
+                model.load_state_dict(tiny(arch, vocab_size=96, seed=1).state_dict())
+            cache = KVCache(model.config, 2, "cpu", torch.float32)
+            model(x[:, :4], None, cache)
+            plan = DecodePlan(model, rows=2)
+            for t in range(4, 10):
+                stepped = model.decode_step(x[:, t], cache, plan)
+                assert (stepped - model(x[:, : t + 1])[:, -1]).abs().max() <= 1e-4, (change, t)
     finally:
         torch.set_num_threads(before)
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig, UsageError
+from gpt.decoding import DecodePlan, layer_step, linear, matvec
 from gpt.sampling import SamplingParams, sample_next
 
 
@@ -26,60 +27,11 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad_idx: int | None) ->
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except for a few rows on a CPU: then the weight's row blocks go through one batched matmul.
-
-    Decoding reads every weight once per token, so a step is bound by memory bandwidth, and MKL's fp32
-    matrix-vector product reads on one thread. As a batch of row blocks the same dot products run on
-    every thread: 1.6x faster matrix-vector products on 2 cores (docs/benchmarks.md).
-    """
-    blocks = row_blocks_of(weight) if x.numel() <= 16 * x.size(-1) else 0
-    return blocked_linear(x, *split_rows(weight, bias, blocks)) if blocks else F.linear(x, weight, bias)
-
-
-def row_blocks_of(weight: torch.Tensor) -> int:
-    """The number of row blocks `linear` splits a weight into: one per thread, or 0 for plain F.linear."""
-    blocks = torch.get_num_threads()
-    usable = blocks > 1 and weight.is_cpu and weight.size(0) % blocks == 0 and weight.is_contiguous()
-    return blocks if usable else 0
-
-
-def split_rows(
-    weight: torch.Tensor, bias: torch.Tensor | None, blocks: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Views of weight (out, in) as (blocks, in, out / blocks) and of bias as (blocks, 1, out / blocks)."""
-    w = weight.view(blocks, -1, weight.size(1)).transpose(1, 2)
-    return w, None if bias is None else bias.view(blocks, 1, -1)
-
-
-def blocked_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    rows = x.numel() // x.size(-1)
-    x_blocks = (x if x.dim() == 2 else x.reshape(rows, -1)).expand(w.size(0), rows, -1)  # (blocks, rows, in)
-    y = torch.bmm(x_blocks, w) if b is None else torch.baddbmm(b, x_blocks, w)  # (blocks, rows, out / blocks)
-    return y.view(*x.shape[:-1], -1) if rows == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], -1)
-
-
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state dict) computed by `linear`, with a fast path for decoding.
-
-    `step` multiplies a few rows by row-block views of the weight that it keeps between calls: taking the
-    views, and a module call, cost more Python than multiplying one row. The views alias the parameters, so
-    in-place updates show through them; they are taken again when the weight or bias is replaced.
-    """
+    """nn.Linear (same parameters, same state dict) computed by `linear`: few rows take the row-block path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
-
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, in) -> (B, out): one decoding step."""
-        weight, bias = self.weight, self.bias
-        if torch.is_grad_enabled() or x.size(0) > 16:  # views taken without autograd would stop gradients
-            return linear(x, weight, bias)
-        key = (weight.data_ptr(), None if bias is None else bias.data_ptr(), torch.get_num_threads())
-        if self.__dict__.get("_step_key") != key:
-            blocks = row_blocks_of(weight)
-            self._step_key, self._step_views = key, split_rows(weight, bias, blocks) if blocks else None
-        return F.linear(x, weight, bias) if self._step_views is None else blocked_linear(x, *self._step_views)
 
 
 class KVCache:
@@ -124,15 +76,6 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, E)
         return self.resid_dropout(self.proj(y))
 
-    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: int, mask: torch.Tensor | None):
-        """forward() for one new position per row, x (B, E), its key and value stored at slot `at`."""
-        B, E = x.shape
-        q, k, v = self.qkv.step(x).view(B, 3, self.num_heads, 1, E // self.num_heads).unbind(1)  # (B, H, 1, D)
-        keys[:, :, at : at + 1] = k
-        values[:, :, at : at + 1] = v
-        y = F.scaled_dot_product_attention(q, keys[:, :, : at + 1], values[:, :, : at + 1], attn_mask=mask)
-        return self.proj.step(y.view(B, E))  # (B, H, 1, D) -> (B, E)
-
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -145,9 +88,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(self.gelu(self.fc(x))))
-
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj.step(F.gelu(self.fc.step(x), approximate=self.gelu.approximate))
 
 
 class Block(nn.Module):
@@ -165,18 +105,6 @@ class Block(nn.Module):
             return x + self.mlp(self.ln_2(x))
         x = self.ln_1(x + self.attn(x, mask, cache))
         return self.ln_2(x + self.mlp(x))
-
-    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: int, mask: torch.Tensor | None):
-        """forward() for one new position per row, x (B, E) -> (B, E), without dropout."""
-        if self.pre_ln:
-            x = x + self.attn.step(norm(x, self.ln_1), keys, values, at, mask)
-            return x + self.mlp.step(norm(x, self.ln_2))
-        x = norm(x + self.attn.step(x, keys, values, at, mask), self.ln_1)
-        return norm(x + self.mlp.step(x), self.ln_2)
-
-
-def norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
-    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
 class GPT(nn.Module):
@@ -253,24 +181,26 @@ class GPT(nn.Module):
             cache.length += T
         return linear(x, self.token_embed.weight)  # (B, T, vocab), tied to the input embedding
 
-    def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode_step(self, token: torch.Tensor, cache: KVCache, plan: DecodePlan | None = None) -> torch.Tensor:
         """One new token per row (B,) -> logits (B, vocab) for the position after it, extending the cache.
 
         forward() on one position, written flat: decoding a token is little arithmetic, so on a CPU the
         module calls, dropout no-ops, masks and reshapes of the general path are a large part of a step (a
         flat step measured 1.45-1.9x faster, docs/benchmarks.md). Evaluation only; tests hold it to forward().
+        Pass the same `plan` to every step of a generation; without one, each step takes its own.
         """
         at = cache.length
         if at >= self.config.sequence_len:
             raise ValueError(f"{at + 1} positions exceed sequence_len {self.config.sequence_len}")
+        plan = plan or DecodePlan(self, token.size(0))
         mask = cache.real[:, None, None, : at + 1] if cache.has_padding else None  # (B, 1, 1, S): real keys
-        x = self.token_embed.weight[token] + self.position_embed.weight[cache.next_position]  # (B, E)
-        for block, keys, values in zip(self.blocks, cache.keys, cache.values):
-            x = block.step(x, keys, values, at, mask)
-        if self.config.arch == "gpt2":
-            x = norm(x, self.ln_f)
+        x = plan.token_embed[token] + plan.position_embed[cache.next_position]  # (B, E)
+        for weights, keys, values in zip(plan.layers, cache.keys, cache.values):
+            x = layer_step(x, weights, keys, values, at, mask, plan)
+        if plan.final_norm is not None:
+            x = F.layer_norm(x, *plan.final_norm)
         cache.length, cache.next_position = at + 1, cache.next_position + 1
-        return linear(x, self.token_embed.weight)  # (B, vocab)
+        return matvec(x, *plan.head)  # (B, vocab)
 
     def _embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
         """Embedding dropout (AWD-LSTM's): in training, whole vocabulary entries are dropped from the input
@@ -367,6 +297,7 @@ class Decoder:
         self.keep = max(1, self.window // 2)
         self.tokens = idx[:, -self.window :]  # (B, <= window): the context the next logits see
         self.pad = None if pad_mask is None else pad_mask[:, -self.window :]
+        self.plan = DecodePlan(model, idx.size(0)) if use_cache else None
         self.logits = self._prefill()  # (B, vocab): scores for the next token
 
     def _prefill(self) -> torch.Tensor:
@@ -388,5 +319,5 @@ class Decoder:
         elif self.cache is None:
             self.logits = self._prefill()
         else:
-            self.logits = self.model.decode_step(token, self.cache)
+            self.logits = self.model.decode_step(token, self.cache, self.plan)
         return self.logits

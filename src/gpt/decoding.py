@@ -1,0 +1,107 @@
+"""The one-token decoding step: every CPU thread reads the weights, and little Python runs around them.
+
+GPT.decode_step takes a DecodePlan once per generation and runs `layer_step` on it for every layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from gpt.model import GPT
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for a few rows on a CPU: then the weight's row blocks go through one batched matmul.
+
+    Decoding reads every weight once per token, so a step is bound by memory bandwidth, and MKL's fp32
+    matrix-vector product reads on one thread. As a batch of row blocks the same dot products run on
+    every thread: 1.6x faster matrix-vector products on 2 cores (docs/benchmarks.md).
+    """
+    blocks = row_blocks_of(weight) if x.numel() <= 16 * x.size(-1) else 0
+    return blocked_linear(x, *split_rows(weight, bias, blocks)) if blocks else F.linear(x, weight, bias)
+
+
+def row_blocks_of(weight: torch.Tensor) -> int:
+    """The number of row blocks `linear` splits a weight into, or 0 for plain F.linear: two per thread where
+    they divide the rows (a decoding step ran 4-8% faster than with one per thread, docs/benchmarks.md)."""
+    threads = torch.get_num_threads()
+    if threads < 2 or not weight.is_cpu or not weight.is_contiguous():
+        return 0
+    return next((blocks for blocks in (2 * threads, threads) if weight.size(0) % blocks == 0), 0)
+
+
+def split_rows(
+    weight: torch.Tensor, bias: torch.Tensor | None, blocks: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Views of weight (out, in) as (blocks, in, out / blocks) and of bias as (blocks, 1, out / blocks)."""
+    w = weight.view(blocks, -1, weight.size(1)).transpose(1, 2)
+    return w, None if bias is None else bias.view(blocks, 1, -1)
+
+
+def blocked_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    rows = x.numel() // x.size(-1)
+    x_blocks = (x if x.dim() == 2 else x.reshape(rows, -1)).expand(w.size(0), rows, -1)  # (blocks, rows, in)
+    y = torch.bmm(x_blocks, w) if b is None else torch.baddbmm(b, x_blocks, w)  # (blocks, rows, out / blocks)
+    return y.view(*x.shape[:-1], -1) if rows == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], -1)
+
+
+def step_weights(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> tuple:
+    """A weight and bias as `matvec` reads them for `rows` rows: row-block views where that path applies."""
+    blocks = row_blocks_of(weight) if rows <= 16 else 0
+    return split_rows(weight, bias, blocks) if blocks else (weight, bias)
+
+
+def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (B, in) times a weight from `step_weights`: (out, in) as it is, or (blocks, in, out / blocks) views."""
+    return F.linear(x, weight, bias) if weight.dim() == 2 else blocked_linear(x, weight, bias)
+
+
+class DecodePlan:
+    """Every weight the one-token step reads, in the form it reads it, taken once per generation.
+
+    A decoding step is four matrix-vector products per layer and little else, so on a CPU the Python
+    around them (module calls, parameter lookups, taking row-block views) is a large part of it. A plan
+    does that once; the step then walks plain tuples (steps ran 6-25% faster, docs/benchmarks.md).
+    Its views alias the parameters, so it serves while the weights stay where they are: one generation.
+    """
+
+    def __init__(self, model: GPT, rows: int):
+        def norm_of(ln: nn.LayerNorm) -> tuple:
+            return ln.normalized_shape, ln.weight, ln.bias, ln.eps
+
+        def weights_of(layer: nn.Linear) -> tuple:
+            return step_weights(layer.weight, layer.bias, rows)
+
+        self.pre_ln = model.config.arch == "gpt2"
+        self.heads = model.config.num_heads
+        self.token_embed, self.position_embed = model.token_embed.weight, model.position_embed.weight
+        self.layers = [
+            (norm_of(b.ln_1), weights_of(b.attn.qkv), weights_of(b.attn.proj),
+             norm_of(b.ln_2), weights_of(b.mlp.fc), weights_of(b.mlp.proj))
+            for b in model.blocks
+        ]
+        self.final_norm = norm_of(model.ln_f) if self.pre_ln else None
+        self.head = step_weights(model.token_embed.weight, None, rows)  # tied to the input embedding
+
+
+def layer_step(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torch.Tensor, at: int,
+               mask: torch.Tensor | None, plan: DecodePlan) -> torch.Tensor:
+    """Block.forward() for one new position per row, x (B, E) -> (B, E); its key and value go to slot `at`."""
+    ln_1, qkv, attn_proj, ln_2, fc, mlp_proj = weights
+    B, E = x.shape
+    h = F.layer_norm(x, *ln_1) if plan.pre_ln else x
+    q, k, v = matvec(h, *qkv).view(B, 3, plan.heads, 1, E // plan.heads).unbind(1)  # each (B, H, 1, D)
+    keys[:, :, at : at + 1] = k
+    values[:, :, at : at + 1] = v
+    y = F.scaled_dot_product_attention(q, keys[:, :, : at + 1], values[:, :, : at + 1], attn_mask=mask)
+    attended = matvec(y.view(B, E), *attn_proj)  # (B, H, 1, D) -> (B, E)
+    if plan.pre_ln:
+        x = x + attended
+        return x + matvec(F.gelu(matvec(F.layer_norm(x, *ln_2), *fc), approximate="tanh"), *mlp_proj)
+    x = F.layer_norm(x + attended, *ln_1)
+    return F.layer_norm(x + matvec(F.gelu(matvec(x, *fc), approximate="tanh"), *mlp_proj), *ln_2)
