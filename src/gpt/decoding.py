@@ -22,8 +22,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     matrix-vector product reads on one thread. As a batch of row blocks the same dot products run on
     every thread: 1.6x faster matrix-vector products on 2 cores (docs/benchmarks.md).
     """
-    blocks = row_blocks_of(weight) if x.numel() <= 16 * x.size(-1) else 0
-    return blocked_linear(x, *split_rows(weight, bias, blocks)) if blocks else F.linear(x, weight, bias)
+    return matvec(x, *step_weights(weight, bias, rows=x.numel() // x.size(-1)))
 
 
 def row_blocks_of(weight: torch.Tensor) -> int:
@@ -57,7 +56,7 @@ def step_weights(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> 
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (B, in) times a weight from `step_weights`: (out, in) as it is, or (blocks, in, out / blocks) views."""
+    """x (..., in) times a weight from `step_weights`: (out, in) as it is, or (blocks, in, out / blocks) views."""
     return F.linear(x, weight, bias) if weight.dim() == 2 else blocked_linear(x, weight, bias)
 
 
