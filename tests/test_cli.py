@@ -31,8 +31,9 @@ def test_train_generate_eval_end_to_end(tmp_path):
     scored = gpt("eval", "--checkpoint", str(out), "--text", str(text), "--json")
     assert scored.returncode == 0, scored.stderr
     report = json.loads(scored.stdout)
-    assert set(report) == {"loss", "perplexity", "bits_per_char", "bits_per_byte", "tokens", "chars"}
-    assert report["chars"] == len(text.read_text())
+    assert set(report) == {"loss", "perplexity", "bits_per_char", "bits_per_byte", "tokens", "chars",
+                           "memory_positions"}
+    assert report["chars"] == len(text.read_text()) and report["memory_positions"] == 0  # tiny: no memory
     adapted = gpt("eval", "--checkpoint", str(out), "--text", str(text), "--json", "--adapt")
     adapted_report = json.loads(adapted.stdout)
     assert adapted_report["adapt_lr"] > 0 and adapted_report["tokens"] == report["tokens"]

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from gpt.config import UsageError, first_line
+
 
 class WeightAverage:
     def __init__(self, model: nn.Module, decay: float):
@@ -51,3 +53,19 @@ class WeightAverage:
         with torch.no_grad():
             for average, saved in zip(self.average, tensors):
                 average.copy_(saved)
+
+
+def start_average(model: nn.Module, decay: float, fsdp: bool, state: dict | None) -> WeightAverage | None:
+    """The weight average of a run (None when off), taken up again from a resumed state."""
+    if not decay:
+        return None
+    if fsdp:
+        raise UsageError("train.weight_average does not work with --fsdp yet; set it to 0 or train without --fsdp")
+    average = WeightAverage(model, decay)
+    if state is not None and "average" in state:
+        try:
+            average.load_state_dict(state["average"])
+        except (ValueError, TypeError, AttributeError) as err:
+            raise UsageError(f"the weight average in the training state does not fit the model ({first_line(err)}); "
+                             "train again without --resume") from None
+    return average

@@ -4,6 +4,7 @@
   model.safetensors   the weights to use (during training: the best by validation loss)
   tokenizer.json      the byte-level BPE
   training_state.pt   the latest weights, optimizer, step, elapsed time and RNG state, for --resume
+  memory.safetensors  the training text's memory (gpt.memory), built at the end of a run for the saved weights
 
 Each file is written to a temporary name and renamed over the old one, so a crash mid-save
 leaves the previous version intact.
@@ -20,16 +21,18 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from gpt.config import ModelConfig, TrainConfig, UsageError, apply_overrides
+from gpt.config import ModelConfig, TrainConfig, UsageError, apply_overrides, first_line
+from gpt.memory import Memory
 from gpt.model import GPT
 from gpt.tokenizer import load_tokenizer, tokenizer_info
 
 FORMAT_VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, STATE_FILE = (
-    "config.json", "model.safetensors", "tokenizer.json", "training_state.pt",
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, STATE_FILE, MEMORY_FILE = (
+    "config.json", "model.safetensors", "tokenizer.json", "training_state.pt", "memory.safetensors",
 )
 STATE_KEYS = {"model", "optimizer", "step", "elapsed", "best_val_loss", "rng"}
 
@@ -143,6 +146,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> C
     model = GPT(config=model_config)
     load_weights(model, folder / WEIGHTS_FILE)
     model.to(device).eval()
+    model.memory = load_memory(folder, model_config, weights_step(folder / WEIGHTS_FILE), device)
     return Checkpoint(model, tokenizer, model_config, train_config, info)
 
 
@@ -205,3 +209,34 @@ def pid_alive(pid: int) -> bool:
     except OSError:  # it exists but is not ours
         return True
     return True
+
+
+def weights_step(path: Path) -> str | None:
+    """The training step recorded in a weights file: what a memory must have been built from."""
+    with safe_open(str(path), framework="pt") as handle:
+        return (handle.metadata() or {}).get("step")
+
+
+def save_memory(folder: Path, memory: Memory, step: str | None) -> None:
+    tensors = {"keys": memory.keys.half().contiguous().cpu(), "values": memory.values.int().contiguous().cpu()}
+    atomic_write(Path(folder) / MEMORY_FILE, lambda p: save_file(tensors, str(p), metadata={"step": str(step)}))
+
+
+def load_memory(folder: Path, config: ModelConfig, step: str | None, device: str | torch.device = "cpu",
+                ) -> Memory | None:
+    """The checkpoint's memory; None when the config turns it off, or the file is missing or was built for
+    other weights than the saved ones (a run stopped early: it is built when a run ends)."""
+    path = Path(folder) / MEMORY_FILE
+    if config.memory_weight <= 0 or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("step") != str(step):
+                return None
+            keys, values = handle.get_tensor("keys"), handle.get_tensor("values")
+    except Exception as err:  # safetensors raises its own error type for damaged files
+        raise UsageError(f"{path} cannot be read ({first_line(err)}); delete it to use the network alone") from None
+    if keys.ndim != 2 or keys.size(1) != config.embed_dim or values.shape != keys.shape[:1] or (
+            len(values) and not 0 <= int(values.min()) <= int(values.max()) < config.vocab_size):
+        raise UsageError(f"{path} does not fit the model in {CONFIG_FILE}; delete it to use the network alone")
+    return Memory(keys, values, config, device)

@@ -19,6 +19,11 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def add_no_memory(command: argparse.ArgumentParser, verb: str) -> None:
+    command.add_argument("--no-memory", action="store_true",
+                         help=f"{verb} the network alone, without the memory of the training text")
+
+
 def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or mps")
 
@@ -62,6 +67,7 @@ def build_parser() -> ArgumentParser:
     generate.add_argument("--seed", type=int, help="same seed, same text")
     generate.add_argument("--num-samples", type=int, default=1, help="N samples, generated as one batch")
     generate.add_argument("--interactive", action="store_true", help="read prompts in a loop (Ctrl-D exits)")
+    add_no_memory(generate, "sample from")
     add_device(generate)
 
     prepare = commands.add_parser("prepare", help="tokenize a large corpus once into token shards for gpt train")
@@ -79,6 +85,7 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--adapt", nargs="?", type=float, const=ADAPT_LR, metavar="LR",
                           help="dynamic evaluation: the model learns from each window after scoring it (SGD, "
                                f"learning rate LR, default {ADAPT_LR}), as adaptive compressors do")
+    add_no_memory(evaluate, "score with")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     add_device(evaluate)
 
@@ -154,6 +161,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
     checkpoint = load_checkpoint(args.checkpoint, choose_device(args.device))
+    if args.no_memory:
+        checkpoint.model.memory = None
     retriever = Retriever(checkpoint.tokenizer, checkpoint.model)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, min_p=args.min_p,
@@ -230,6 +239,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from gpt.train import choose_device
 
     checkpoint = load_checkpoint(args.checkpoint, choose_device(args.device))
+    if args.no_memory:
+        checkpoint.model.memory = None
     source = checkpoint.info.get("data", "alice")
     if args.text:
         what = args.text
@@ -244,10 +255,17 @@ def run_eval(args: argparse.Namespace) -> int:
         what = f"validation split of {source}"
         documents = split_documents(load_documents(source), checkpoint.train_config.val_fraction)[1]
         score = evaluate_documents(checkpoint.model, checkpoint.tokenizer, documents, args.stride, adapt_lr=args.adapt)
+    memory, config = checkpoint.model.memory, checkpoint.model_config
     if args.json:
-        print(json.dumps(score.as_dict() | ({"adapt_lr": args.adapt} if args.adapt else {})))
+        print(json.dumps(score.as_dict() | ({"adapt_lr": args.adapt} if args.adapt else {})
+                         | {"memory_positions": len(memory) if memory and not args.adapt else 0}))
     else:
         how = f", scored adaptively (dynamic evaluation, SGD learning rate {args.adapt:g})" if args.adapt else ""
+        if memory is not None and not args.adapt:
+            how = (f", with the memory of the training text ({len(memory):,} positions, weight "
+                   f"{config.memory_weight:g}; --no-memory for the network alone)")
+        elif config.memory_weight > 0 and not args.no_memory and not args.adapt:
+            how = ", by the network alone (this checkpoint has no memory: it is built when a training run ends)"
         print(f"{what}: {score.tokens:,} tokens, {score.chars:,} characters{how}\n"
               f"loss {score.loss:.4f} nats/token | perplexity {score.perplexity:.2f} | "
               f"{score.bits_per_char:.4f} bits/char | {score.bits_per_byte:.4f} bits/byte")
@@ -255,10 +273,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from gpt.checkpoint import MEMORY_FILE
     from gpt.hf import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    if (Path(args.checkpoint) / MEMORY_FILE).is_file():
+        print("the memory of the training text is not exported (transformers has no place for it): the export "
+              "scores and samples like `gpt eval --no-memory`", file=sys.stderr)
     return 0
 
 

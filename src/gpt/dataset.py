@@ -73,6 +73,7 @@ class TokenSplits:
     val_chars: int = 0
     val_bytes: int = 0
     copies: int = 1  # tokenizations of the training text in `train` (BPE dropout)
+    plain_tokens: int | None = None  # the plain tokenization's length, at the start of `train`; None: all of it
 
 
 DROPOUT_MAX_CHARS = 10_000_000  # characters segmented with BPE dropout, all copies (~0.5 s per 130k measured)
@@ -94,6 +95,7 @@ def prepare_splits(
         raise UsageError(f"the text has {characters} characters, too few to split into training and validation "
                          "parts; use a longer text")
     train_ids = encode_documents(tokenizer, train_docs)
+    plain_tokens = len(train_ids)
     extra = min(copies - 1, DROPOUT_MAX_CHARS // max(1, sum(map(len, train_docs)))) if bpe_dropout else 0
     if extra > 0:
         variants = [encode_documents(tokenizer, train_docs, MergeDropout(tokenizer, bpe_dropout, (seed << 20) + copy))
@@ -104,7 +106,8 @@ def prepare_splits(
         train_ids = write_tokens(Path(folder) / "train.bin", train_ids)
         val_ids = write_tokens(Path(folder) / "val.bin", val_ids)
     return TokenSplits(train_ids, val_ids, val_docs, sum(map(len, val_docs)),
-                       sum(len(d.encode("utf-8")) for d in val_docs), copies=1 + max(0, extra))
+                       sum(len(d.encode("utf-8")) for d in val_docs), copies=1 + max(0, extra),
+                       plain_tokens=plain_tokens)
 
 
 def check_lengths(splits: TokenSplits, sequence_len: int) -> None:

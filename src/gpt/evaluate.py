@@ -8,16 +8,20 @@ token, which serves as context for its first token and is never scored itself. B
 tokenizer is lossless and every character is covered once, bits per character is comparable
 across tokenizers: total nats / (characters * ln 2).
 
+A model with a memory of its training text (gpt.memory) is scored with it: the mixture is the model's
+prediction.
+
 `adapt_lr` turns on dynamic evaluation (Krause et al., 2018): the same windows, in order, and after each one a
-copy of the model takes a gradient step on the tokens it has just scored. Every token is still predicted before
-the model learns from it, so this is the code length an adaptive compressor such as PPMd reports: a different
-number from the plain score, and labelled as such wherever it is printed.
+copy of the network (without the memory) takes a gradient step on the tokens it has just scored. Every token is
+still predicted before the model learns from it, so this is the code length an adaptive compressor such as PPMd
+reports: a different number from the plain score, and labelled as such wherever it is printed.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -73,6 +77,25 @@ def checked_stride(stride: int | None, T: int) -> int:
     return stride
 
 
+def window_batches(
+    ids: np.ndarray, sequence_len: int, stride: int, ignore_id: int, batch_size: int = 32,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The windows of `windows` in batches of equal length: inputs x, targets y (B, T) and `scored` (B, T),
+    True where a target is scored (new in its window and not `ignore_id`)."""
+    ids_t = torch.from_numpy(np.asarray(ids).astype(np.int64))
+    spans = windows(len(ids_t), sequence_len, stride)
+    for length in sorted({end - begin for begin, end, _ in spans}):
+        group = [s for s in spans if s[1] - s[0] == length]
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            x = torch.stack([ids_t[b:e] for b, e, _ in chunk])
+            y = torch.stack([ids_t[b + 1 : e + 1] for b, e, _ in chunk])
+            scored = torch.zeros_like(y, dtype=torch.bool)
+            for row, (_, _, new) in enumerate(chunk):
+                scored[row, length - new :] = True
+            yield x, y, scored & (y != ignore_id)
+
+
 @torch.no_grad()
 def total_nats(
     model: GPT, ids: np.ndarray, ignore_id: int, stride: int | None = None, batch_size: int = 32,
@@ -82,28 +105,24 @@ def total_nats(
     if adapt_lr is not None:
         return adaptive_nats(model, ids, ignore_id, stride, adapt_lr)
     T = model.config.sequence_len
-    stride = checked_stride(stride, T)
     device = model.token_embed.weight.device
     was_training = model.training
     model.eval()
-    ids_t = torch.from_numpy(np.asarray(ids).astype(np.int64))
-    spans = windows(len(ids_t), T, stride)
     nats, count = torch.zeros((), dtype=torch.float64), 0
-    for length in sorted({end - begin for begin, end, _ in spans}):
-        group = [s for s in spans if s[1] - s[0] == length]
-        for i in range(0, len(group), batch_size):
-            chunk = group[i : i + batch_size]
-            x = torch.stack([ids_t[b:e] for b, e, _ in chunk]).to(device)
-            y = torch.stack([ids_t[b + 1 : e + 1] for b, e, _ in chunk]).to(device)
-            scored = torch.zeros_like(y, dtype=torch.bool)
-            for row, (_, _, new) in enumerate(chunk):
-                scored[row, length - new :] = True
-            scored &= y != ignore_id
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(x)
-            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-            nats += losses[scored.flatten()].double().sum().cpu()
-            count += int(scored.sum())
+    for x, y, scored in window_batches(ids, T, checked_stride(stride, T), ignore_id, batch_size):
+        x, y, scored = x.to(device), y.to(device), scored.to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if model.memory is None:  # forward() itself: under FSDP its hooks gather the sharded parameters
+                logits = model(x)[scored]  # (n, vocab): the scored positions
+            else:
+                hidden = model.hidden(x)[scored]  # (n, E)
+                logits = model.head(hidden)
+        if model.memory is None:
+            losses = F.cross_entropy(logits.float(), y[scored], reduction="none")
+        else:  # the mixture in float32, outside autocast
+            losses = -model.memory.mix(hidden.float(), logits).gather(1, y[scored][:, None])
+        nats += losses.double().sum().cpu()
+        count += int(scored.sum())
     model.train(was_training)
     return float(nats), count
 
@@ -116,7 +135,11 @@ def adaptive_nats(model: GPT, ids: np.ndarray, ignore_id: int, stride: int | Non
         raise UsageError(f"the adaptation learning rate must be positive, got {lr}")
     T = model.config.sequence_len
     stride = checked_stride(stride, T)
-    reader = copy.deepcopy(model).eval()  # eval: no dropout, gradients still flow
+    memory, model.memory = model.memory, None  # the network alone: the memory does not learn
+    try:
+        reader = copy.deepcopy(model).eval()  # eval: no dropout, gradients still flow
+    finally:
+        model.memory = memory
     optimizer = torch.optim.SGD(reader.parameters(), lr=lr)
     device = reader.token_embed.weight.device
     ids_t = torch.from_numpy(np.asarray(ids).astype(np.int64)).to(device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 from gpt.config import ModelConfig, UsageError
 from gpt.decoding import DecodePlan, layer_step, linear, matvec
 from gpt.sampling import SamplingParams, sample_next
+
+if TYPE_CHECKING:
+    from gpt.memory import Memory
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad_idx: int | None) -> torch.Tensor:
@@ -134,6 +138,7 @@ class GPT(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.embed_dim) if config.arch == "gpt2" else nn.Identity()
+        self.memory: Memory | None = None  # the training text's memory (gpt.memory), attached by load_checkpoint
         self.apply(self._init_weights)
         if config.arch == "gpt2":  # GPT-2 scales residual projections by 1/sqrt(2 * layers)
             for name, param in self.named_parameters():
@@ -163,6 +168,16 @@ class GPT(nn.Module):
         self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab). pad_mask (B, T) is True at padding."""
+        return self.head(self.hidden(idx, pad_mask, cache))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., E) final states -> (..., vocab) logits: the output layer, tied to the input embedding."""
+        return linear(hidden, self.token_embed.weight)
+
+    def hidden(
+        self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """forward() up to the output layer: (B, T, E) final states, the memory's keys and queries."""
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.sequence_len:
@@ -179,10 +194,15 @@ class GPT(nn.Module):
         if cache is not None:
             cache.next_position = cache.next_position + (T if real is None else real.sum(1))
             cache.length += T
-        return linear(x, self.token_embed.weight)  # (B, T, vocab), tied to the input embedding
+        return x
 
     def decode_step(self, token: torch.Tensor, cache: KVCache, plan: DecodePlan | None = None) -> torch.Tensor:
-        """One new token per row (B,) -> logits (B, vocab) for the position after it, extending the cache.
+        """One new token per row (B,) -> logits (B, vocab) for the position after it, extending the cache."""
+        plan = plan or DecodePlan(self, token.size(0))
+        return matvec(self.decode_hidden(token, cache, plan), *plan.head)  # (B, vocab)
+
+    def decode_hidden(self, token: torch.Tensor, cache: KVCache, plan: DecodePlan | None = None) -> torch.Tensor:
+        """decode_step up to the output layer: (B,) -> (B, E) final states.
 
         forward() on one position, written flat: decoding a token is little arithmetic, so on a CPU the
         module calls, dropout no-ops, masks and reshapes of the general path are a large part of a step (a
@@ -200,7 +220,7 @@ class GPT(nn.Module):
         if plan.final_norm is not None:
             x = F.layer_norm(x, *plan.final_norm)
         cache.length, cache.next_position = at + 1, cache.next_position + 1
-        return matvec(x, *plan.head)  # (B, vocab)
+        return x
 
     def _embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
         """Embedding dropout (AWD-LSTM's): in training, whole vocabulary entries are dropped from the input
@@ -303,7 +323,13 @@ class Decoder:
     def _prefill(self) -> torch.Tensor:
         self.cache = KVCache(self.model.config, self.tokens.size(0), self.tokens.device,
                              self.model.token_embed.weight.dtype) if self.use_cache else None
-        return self.model(self.tokens, self.pad, self.cache)[:, -1]
+        return self._scores(self.model.hidden(self.tokens, self.pad, self.cache)[:, -1])
+
+    def _scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, E) -> (B, vocab) the network's logits, or with a memory (gpt.memory) the mixture's log-probs."""
+        logits = self.model.head(hidden) if self.plan is None else matvec(hidden, *self.plan.head)
+        memory = self.model.memory
+        return logits if memory is None else memory.mix(hidden, logits)
 
     def append(self, token: torch.Tensor) -> torch.Tensor:
         """Add one token per row (B,); return the logits for the token after it."""
@@ -319,5 +345,5 @@ class Decoder:
         elif self.cache is None:
             self.logits = self._prefill()
         else:
-            self.logits = self.model.decode_step(token, self.cache, self.plan)
+            self.logits = self._scores(self.model.decode_hidden(token, self.cache, self.plan))
         return self.logits

@@ -1,26 +1,37 @@
 """The run folder a training run starts from: checks on --out, the tokenizer and token splits, and the
-checkpoint a fine-tuning run (--init-from) or a resumed run brings along."""
+checkpoint a fine-tuning run (--init-from) or a resumed run brings along; and the memory a run ends with."""
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tokenizers import Tokenizer
 
 from gpt.checkpoint import (
     TOKENIZER_FILE,
+    WEIGHTS_FILE,
     Checkpoint,
     configs_from,
     load_checkpoint,
     load_training_state,
+    load_weights,
     read_config,
     remove_stale_temporaries,
+    save_memory,
+    weights_step,
 )
 from gpt.config import ModelConfig, TrainConfig, UsageError
 from gpt.corpus import load_documents
 from gpt.dataset import TokenSplits, check_lengths, prepare_splits, split_documents, token_dtype, write_tokens
+from gpt.evaluate import score_from_counts, total_nats
+from gpt.logs import MetricsLog
+from gpt.memory import build_memory
+from gpt.model import GPT
 from gpt.prepare import is_prepared, load_prepared
 from gpt.tokenizer import PAD, load_tokenizer, train_tokenizer
 
@@ -122,3 +133,26 @@ def read_prepared(out: Path, data: str | None, model_config: ModelConfig) -> tup
     dtype = token_dtype(model_config.vocab_size)
     train_ids, val_ids = (np.memmap(out / "data" / f"{part}.bin", dtype=dtype, mode="r") for part in ("train", "val"))
     return tokenizer, TokenSplits(train_ids, val_ids, [])
+
+
+def remember_training_text(
+    out: Path, model_config: ModelConfig, splits: TokenSplits, eot: int, stride: int | None, device: torch.device,
+    low_precision: torch.dtype | None, metrics: MetricsLog, say, step: int,
+) -> None:
+    """Build the memory (gpt.memory) of the saved weights over the plain training tokens, save it, and log
+    the validation score with and without it."""
+    started = time.perf_counter()
+    model = GPT(config=model_config).to(device)
+    load_weights(model, out / WEIGHTS_FILE)
+    alone = score_from_counts(*total_nats(model, splits.val, eot, stride, autocast_dtype=low_precision),
+                              splits.val_chars, splits.val_bytes)
+    model.memory = build_memory(model, splits.train[: splits.plain_tokens], eot, stride, low_precision)
+    save_memory(out, model.memory, weights_step(out / WEIGHTS_FILE))
+    mixed = score_from_counts(*total_nats(model, splits.val, eot, stride, autocast_dtype=low_precision),
+                              splits.val_chars, splits.val_bytes)
+    seconds = time.perf_counter() - started
+    metrics.write({"step": step, "memory_positions": len(model.memory), "memory_seconds": round(seconds, 3),
+                   "val_bits_per_char_network": round(alone.bits_per_char, 6),
+                   "val_bits_per_char_with_memory": round(mixed.bits_per_char, 6)})
+    say(f"memory of the training text: {len(model.memory):,} positions in {seconds:.0f}s | val bits/char "
+        f"{mixed.bits_per_char:.4f} with it, {alone.bits_per_char:.4f} for the network alone", file=sys.stderr)

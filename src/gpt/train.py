@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from gpt import distributed
-from gpt.averaging import WeightAverage
+from gpt.averaging import start_average
 from gpt.checkpoint import (
     CONFIG_FILE,
     STATE_FILE,
@@ -37,8 +37,16 @@ from gpt.dataset import WindowSampler
 from gpt.evaluate import Score, score_from_counts, total_nats, unigram_score
 from gpt.hardware import cpu_flags, native_bf16, peak_flops, read_cpuinfo
 from gpt.logs import MetricsLog, Progress, plot_losses
+from gpt.memory import fits
 from gpt.model import GPT, lm_loss
-from gpt.runfolder import load_initial, prepare_data, prepare_output, read_prepared, remove_empty
+from gpt.runfolder import (
+    load_initial,
+    prepare_data,
+    prepare_output,
+    read_prepared,
+    remember_training_text,
+    remove_empty,
+)
 from gpt.tokenizer import EOT, special_id
 
 
@@ -96,18 +104,15 @@ def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}]
     device = next(model.parameters()).device
     # fused: one kernel for all tensors instead of several per tensor (CPU support arrived in torch 2.4)
-    fused = device.type == "cuda" or (device.type == "cpu" and torch_version() >= (2, 4))
+    torch_version = tuple(int(part) for part in torch.__version__.split(".")[:2])
+    fused = device.type == "cuda" or (device.type == "cpu" and torch_version >= (2, 4))
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
 
 
-def torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
-
-
-def run_progress(step: int, elapsed: float, config: TrainConfig) -> float:
+def run_progress(step: int, elapsed: float, config: TrainConfig, reserve: float = 0.0) -> float:
+    """How far the run is, 0 to 1; `reserve` seconds of max_time are kept for the memory built at the end."""
     by_steps = step / config.max_steps if config.max_steps else 0.0
-    by_time = elapsed / config.max_time if config.max_time else 0.0
+    by_time = elapsed / (config.max_time - reserve) if config.max_time else 0.0
     return max(by_steps, by_time)
 
 
@@ -227,7 +232,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         windows_seen = state.get("windows_seen", step * train_config.batch_size)
     elif initial is not None:
         model.load_state_dict(initial.model.state_dict())
-    average = start_average(model, train_config, world, state)
+    average = start_average(model, train_config.weight_average, world.fsdp, state)
 
     micro, accum = train_config.batch_size, train_config.grad_accum
     global_batch = micro * accum * world.size
@@ -247,7 +252,13 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     if world.size > 1 or accum > 1:
         say(f"global batch {global_batch} windows = {micro} per micro-step x {accum} micro-steps x "
             f"{world.size} processes{' (FSDP)' if world.fsdp else ''}", file=sys.stderr)
-    if resume and run_progress(step, elapsed, train_config) >= 1.0:
+    remembering = world.is_main and fits(splits.plain_tokens or len(splits.train), model_config)
+    reserve = 0.0  # seconds kept for the memory: building it takes as long as validating its many tokens
+
+    def progress() -> float:
+        return run_progress(step, elapsed, train_config, reserve)
+
+    if resume and progress() >= 1.0:
         raise UsageError(f"the run in {out} already reached its limit (step {step}, {elapsed:.0f}s); pass a larger "
                          "--max-steps or --max-time to train further")
     if resume:
@@ -255,6 +266,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
 
     def validate() -> tuple[Score | None, bool]:
         """(score on rank 0, whether it worked): a failed validation (out of memory, say) never costs the run."""
+        nonlocal reserve
+        started_at = time.perf_counter()
         try:
             with average.swapped_in() if average else contextlib.nullcontext():
                 nats, count = total_nats(model, splits.val, eot, train_config.eval_stride,
@@ -264,6 +277,9 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                 print(f"warning: validation failed at step {step} ({first_line(err)}); training goes on and the "
                       "checkpoint is still saved", file=sys.stderr)
             return None, False
+        if remembering and train_config.max_time:  # the memory's tokens, then scoring with it (~3x) and without
+            scale = (splits.plain_tokens or len(splits.train)) / len(splits.val) + 4
+            reserve = min(0.25 * train_config.max_time, scale * (time.perf_counter() - started_at))
         return (score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if world.is_main else None), True
 
     def checkpoint(val_loss: float | None, validation_failed: bool) -> None:
@@ -301,16 +317,15 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     tokens_per_step = global_batch * model_config.sequence_len
     flops_per_token = model.flops_per_token()
     metrics = MetricsLog(out / "metrics.jsonl", resume_after_step=step if resume else None) if world.is_main else None
-    bar = Progress(run_progress(step, elapsed, train_config), enabled=show_progress)
+    bar = Progress(progress(), enabled=show_progress)
     sync_every = train_config.log_interval if world.active else 1  # ranks agree on time and signals this often
     model.train()
     started = time.perf_counter() - elapsed
     window_start, window_steps, val_loss, stopping = time.perf_counter(), 0, None, False
     with StopSignals() as stop, metrics or contextlib.nullcontext(), bar:
-        finished = run_progress(step, elapsed, train_config) >= 1.0
+        finished = progress() >= 1.0
         while not finished and not stopping:
-            progress = run_progress(step, elapsed, train_config)
-            lr = learning_rate(step, progress, train_config)
+            lr = learning_rate(step, progress(), train_config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             starts = sampler.starts_at(windows_seen, global_batch)
@@ -333,10 +348,10 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
             window_steps += 1
             windows_seen += global_batch
             if step % sync_every == 0 or (train_config.max_steps and step >= train_config.max_steps):
-                elapsed, signalled = distributed.agree([time.perf_counter() - started, float(bool(stop.received))],
-                                                       world)
+                elapsed, signalled, reserve = distributed.agree(
+                    [time.perf_counter() - started, float(bool(stop.received)), reserve], world)
                 stopping = signalled > 0
-            finished = run_progress(step, elapsed, train_config) >= 1.0
+            finished = progress() >= 1.0
             evaluating = step % train_config.eval_interval == 0 or finished or stopping
             logging = step % train_config.log_interval == 0 or evaluating
             saving = evaluating or step % train_config.checkpoint_interval == 0
@@ -358,12 +373,15 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                     row.update(val_loss=round(score.loss, 6), val_bits_per_char=round(score.bits_per_char, 6))
                 if world.is_main:
                     metrics.write(row)
-                bar.update(run_progress(step, elapsed, train_config), step=step, loss=f"{train_loss:.3f}",
+                bar.update(progress(), step=step, loss=f"{train_loss:.3f}",
                            val="-" if val_loss is None else f"{val_loss:.3f}", tok_s=f"{speed:,.0f}",
                            **({"mfu": f"{100 * row['mfu']:.0f}%"} if peak else {}))
             if saving:
                 checkpoint(score.loss if score else None, validation_failed=not validated)
             window_start, window_steps = time.perf_counter(), 0
+        if remembering and not stopping and (out / WEIGHTS_FILE).exists():
+            remember_training_text(out, model_config, splits, eot, train_config.eval_stride, device, low_precision,
+                                   metrics, say, step)
     if world.is_main:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     interrupted_by = (stop.received or "SIGTERM") if stopping else None
@@ -373,23 +391,6 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     else:
         say(f"done: step {step}, best val loss {best_val:.4f}; checkpoint in {out}", file=sys.stderr)
     return RunResult(step, best_val, interrupted_by)
-
-
-def start_average(model: GPT, train_config: TrainConfig, world: distributed.World,
-                  state: dict | None) -> WeightAverage | None:
-    """The weight average of a run (None when off), taken up again from a resumed state."""
-    if not train_config.weight_average:
-        return None
-    if world.fsdp:
-        raise UsageError("train.weight_average does not work with --fsdp yet; set it to 0 or train without --fsdp")
-    average = WeightAverage(model, train_config.weight_average)
-    if state is not None and "average" in state:
-        try:
-            average.load_state_dict(state["average"])
-        except (ValueError, TypeError, AttributeError) as err:
-            raise UsageError(f"the weight average in the training state does not fit the model ({first_line(err)}); "
-                             "train again without --resume") from None
-    return average
 
 
 def diverged(what: str, out: Path) -> str:

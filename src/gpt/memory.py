@@ -1,0 +1,84 @@
+"""A memory of the training text: the network's next-token distribution mixed with its nearest neighbours.
+
+kNN-LM (Khandelwal et al., 2020). At the end of training, every position of the (plainly tokenized) training
+split is stored as a key, the network's final hidden state there, and a value, the token that came next. To
+predict, the hidden state h of the current context weighs every stored position by softmax(-|h - key|^2 / T)
+and adds the weights up per value token: a distribution over what followed similar contexts in the training
+text. The model's prediction is the mixture
+
+    p(token) = (1 - w) * p_network(token) + w * p_memory(token)
+
+with w = model.memory_weight and T = model.memory_temperature. Both are normalized distributions, so the mixture
+is one too, and scoring held-out text with it is as valid as scoring the network alone; the memory holds only
+the training split. On a small text the network, trained for many passes, is sure of what it memorised; the
+memory spreads that knowledge over similar contexts (docs/training.md, round 9).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from gpt.config import ModelConfig
+from gpt.evaluate import checked_stride, window_batches
+
+if TYPE_CHECKING:
+    from gpt.model import GPT
+
+MEMORY_MAX_BYTES = 256 * 2**20  # fp16 keys; beyond this a text is long enough that the network alone suffices
+QUERY_CHUNK = 256  # queries scored at once: QUERY_CHUNK x keys floats of scratch memory
+
+
+class Memory:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, config: ModelConfig, device="cpu"):
+        self.keys = keys.to(device, torch.float32)  # (N, E)
+        self.key_norms = (self.keys**2).sum(-1)  # (N,)
+        self.values = values.to(device, torch.int64)  # (N,)
+        self.weight = config.memory_weight  # in (0, 1): load_memory and the trainer build none at 0
+        self.temperature = config.memory_temperature
+        self.vocab_size = config.vocab_size
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, E) final hidden states -> (n, vocab) the memory's next-token distribution."""
+        hidden = hidden.float().to(self.keys.device)
+        chunks = []
+        for part in hidden.split(QUERY_CHUNK):
+            distances = (part**2).sum(-1, keepdim=True) - 2 * part @ self.keys.T + self.key_norms  # (n, N)
+            weights = torch.softmax(-distances / self.temperature, dim=-1)
+            by_token = torch.zeros(self.vocab_size, len(part), device=part.device)
+            chunks.append(by_token.index_add_(0, self.values, weights.T).T)  # (n, vocab): weights summed per value
+        return torch.cat(chunks)
+
+    def mix(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """(n, E) hidden states and (n, vocab) network logits -> (n, vocab) log-probabilities of the mixture."""
+        network = torch.log_softmax(logits.float(), dim=-1) + math.log1p(-self.weight)
+        memory = self.probs(hidden).log() + math.log(self.weight)
+        return torch.logaddexp(network, memory)
+
+
+@torch.no_grad()
+def build_memory(model: GPT, ids: np.ndarray, ignore_id: int, stride: int | None = None,
+                 autocast_dtype: torch.dtype | None = None) -> Memory:
+    """Keys and values for every target of `ids` except `ignore_id`, read with the windows validation uses."""
+    T = model.config.sequence_len
+    device = model.token_embed.weight.device
+    was_training = model.training
+    model.eval()
+    keys, values = [], []
+    for x, y, scored in window_batches(ids, T, checked_stride(stride, T), ignore_id):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            hidden = model.hidden(x.to(device))[scored.to(device)]  # (n, E)
+        keys.append(hidden.half().cpu())
+        values.append(y[scored])
+    model.train(was_training)
+    return Memory(torch.cat(keys), torch.cat(values), model.config, device)
+
+
+def fits(num_tokens: int, config: ModelConfig) -> bool:
+    return config.memory_weight > 0 and num_tokens * config.embed_dim * 2 <= MEMORY_MAX_BYTES

@@ -1,0 +1,195 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import gpt_many
+from safetensors.torch import save_file
+
+from gpt.checkpoint import MEMORY_FILE, WEIGHTS_FILE, load_checkpoint, load_memory, save_weights
+from gpt.config import ModelConfig, TrainConfig, UsageError, preset
+from gpt.corpus import load_documents
+from gpt.dataset import encode_documents, split_documents
+from gpt.evaluate import total_nats
+from gpt.logs import read_metrics
+from gpt.memory import MEMORY_MAX_BYTES, Memory, build_memory, fits
+from gpt.model import GPT
+from gpt.tokenizer import EOT, special_id
+from gpt.train import run_progress, train
+
+
+def small_config(**changes) -> ModelConfig:
+    config = ModelConfig(vocab_size=50, sequence_len=16, num_layers=2, embed_dim=32, num_heads=2, dropout=0.0,
+                         memory_weight=0.5, memory_temperature=4.0)
+    for name, value in changes.items():
+        setattr(config, name, value)
+    return config
+
+
+def test_memory_distribution_is_the_softmax_of_distances_summed_per_token():
+    torch.manual_seed(0)
+    config = small_config(embed_dim=8, vocab_size=6)
+    keys, values = torch.randn(40, 8), torch.randint(0, 6, (40,))
+    memory = Memory(keys, values, config)
+    queries = torch.randn(5, 8)
+    probs = memory.probs(queries)
+    for q, row in zip(queries, probs):
+        weights = torch.softmax(-((keys - q) ** 2).sum(-1) / config.memory_temperature, 0)
+        expected = torch.zeros(6).index_add_(0, values, weights)
+        torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(probs.sum(-1), torch.ones(5))
+
+
+def test_mixture_is_a_distribution_with_the_configured_shares():
+    torch.manual_seed(1)
+    config = small_config(embed_dim=8, vocab_size=6, memory_weight=0.3)
+    memory = Memory(torch.randn(30, 8), torch.randint(0, 6, (30,)), config)
+    hidden, logits = torch.randn(4, 8), torch.randn(4, 6)
+    mixed = memory.mix(hidden, logits).exp()
+    expected = 0.7 * torch.softmax(logits, -1) + 0.3 * memory.probs(hidden)
+    torch.testing.assert_close(mixed, expected)
+    assert torch.allclose(mixed.sum(-1), torch.ones(4))
+
+
+def test_scoring_with_a_memory_equals_the_mixture_computed_by_hand():
+    torch.manual_seed(2)
+    model = GPT(config=small_config()).eval()
+    ids = np.random.default_rng(0).integers(2, 50, 40)
+    model.memory = build_memory(model, np.random.default_rng(1).integers(2, 50, 100), ignore_id=1)
+    nats, count = total_nats(model, ids, ignore_id=1, stride=16)
+    expected = 0.0
+    x = torch.from_numpy(ids.astype(np.int64))
+    with torch.no_grad():
+        for begin, end, new in ((0, 16, 16), (16, 32, 16), (32, 39, 7)):
+            hidden = model.hidden(x[None, begin:end])[0, -new:]
+            log_probs = model.memory.mix(hidden, model.head(hidden))
+            expected -= float(log_probs.gather(1, x[begin + 1 : end + 1][-new:, None]).sum())
+    assert count == 39
+    assert nats == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_memory_of_the_scored_text_predicts_it():
+    """Every token of this text has one successor, so the memory's neighbours (the keys of the same current
+    token) agree on the next token: a real lookup, even through an untrained network."""
+    torch.manual_seed(3)
+    model = GPT(config=small_config(memory_weight=0.9, memory_temperature=0.1)).eval()
+    ids = np.tile(np.random.default_rng(2).permutation(np.arange(2, 50)), 3)
+    alone, count = total_nats(model, ids, ignore_id=1)
+    model.memory = build_memory(model, ids, ignore_id=1)
+    assert len(model.memory) == count == len(ids) - 1
+    remembered, _ = total_nats(model, ids, ignore_id=1)
+    assert alone / count > 3.0
+    assert remembered / count < -math.log(0.9) + 0.05
+
+
+def test_ignored_targets_are_not_stored():
+    model = GPT(config=small_config()).eval()
+    ids = np.array([1, 5, 6, 7, 1, 8, 9, 1, 10])
+    memory = build_memory(model, ids, ignore_id=1)
+    assert sorted(memory.values.tolist()) == [5, 6, 7, 8, 9, 10]
+
+
+def test_fits_only_when_on_and_small_enough():
+    config = small_config(embed_dim=512)
+    assert fits(1000, config)
+    assert not fits(MEMORY_MAX_BYTES // (2 * 512) + 1, config)
+    assert not fits(1000, small_config(memory_weight=0.0))
+
+
+@pytest.mark.parametrize("weight, temperature", [(1.0, 1.0), (-0.1, 1.0), (0.5, 0.0), (0.5, -2.0)])
+def test_bad_memory_settings_are_refused(weight, temperature):
+    with pytest.raises(UsageError, match="memory_"):
+        small_config(memory_weight=weight, memory_temperature=temperature).validate()
+
+
+def test_the_reserve_ends_a_timed_run_early():
+    config = TrainConfig(max_time=600.0, max_steps=None)
+    assert run_progress(10, 450.0, config, reserve=150.0) == 1.0
+    assert run_progress(10, 300.0, config, reserve=0.0) == 0.5
+
+
+@pytest.fixture(scope="module")
+def memory_run(tmp_path_factory, alice_text):
+    """A tiny model trained on the first 30,000 characters of Alice, ending with its memory."""
+    folder = tmp_path_factory.mktemp("runs")
+    (folder / "alice_start.txt").write_text(alice_text[:30_000], encoding="utf-8")
+    model_config, train_config = preset("tiny")
+    model_config.memory_weight, model_config.memory_temperature = 0.5, 2.0
+    train_config.max_steps, train_config.max_time = 40, None
+    train_config.eval_interval = 20
+    train(model_config, train_config, folder / "memory", data=str(folder / "alice_start.txt"), show_progress=False)
+    return folder / "memory"
+
+
+def test_a_run_ends_with_the_memory_of_its_plain_training_text(memory_run):
+    checkpoint = load_checkpoint(memory_run)
+    documents = load_documents(memory_run.parent / "alice_start.txt")
+    train_docs, val_docs = split_documents(documents, checkpoint.train_config.val_fraction)
+    eot = special_id(checkpoint.tokenizer, EOT)
+    train_ids = encode_documents(checkpoint.tokenizer, train_docs)
+    memory = checkpoint.model.memory
+    assert memory is not None and len(memory) == int((train_ids[1:] != eot).sum())
+    assert sorted(memory.values.tolist()) == sorted(train_ids[1:][train_ids[1:] != eot].tolist())
+    row = read_metrics(memory_run / "metrics.jsonl")[-1]
+    assert row["step"] == 40 and row["memory_positions"] == len(memory)
+    val_ids = encode_documents(checkpoint.tokenizer, val_docs)
+    nats, _ = total_nats(checkpoint.model, val_ids, eot)
+    chars = sum(map(len, val_docs))
+    assert nats / (chars * math.log(2)) == pytest.approx(row["val_bits_per_char_with_memory"], abs=1e-5)
+    checkpoint.model.memory = None
+    nats, _ = total_nats(checkpoint.model, val_ids, eot)
+    assert nats / (chars * math.log(2)) == pytest.approx(row["val_bits_per_char_network"], abs=1e-5)
+
+
+def test_a_memory_of_other_weights_is_not_used(memory_run, tmp_path):
+    checkpoint = load_checkpoint(memory_run)
+    for name in ("config.json", "tokenizer.json", WEIGHTS_FILE, MEMORY_FILE):
+        (tmp_path / name).write_bytes((memory_run / name).read_bytes())
+    assert load_checkpoint(tmp_path).model.memory is not None
+    save_weights(tmp_path, checkpoint.model, {"step": "39", "val_loss": "1.0"})
+    assert load_checkpoint(tmp_path).model.memory is None
+
+
+def test_a_damaged_or_mismatched_memory_is_one_clear_error(memory_run, tmp_path):
+    config = load_checkpoint(memory_run).model_config
+    (tmp_path / MEMORY_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(UsageError, match="cannot be read.*delete it"):
+        load_memory(tmp_path, config, "40")
+    save_file({"keys": torch.zeros(3, config.embed_dim + 1, dtype=torch.float16),
+               "values": torch.zeros(3, dtype=torch.int32)}, str(tmp_path / MEMORY_FILE), metadata={"step": "40"})
+    with pytest.raises(UsageError, match="does not fit the model.*delete it"):
+        load_memory(tmp_path, config, "40")
+
+
+def test_generation_follows_the_mixture_with_and_without_the_cache(memory_run):
+    model = load_checkpoint(memory_run).model
+    prompt = torch.tensor([[1, 40, 41, 42]])
+    greedy = model.generate(prompt, 20, top_k=1)
+    assert torch.equal(greedy, model.generate(prompt, 20, top_k=1, use_cache=False))
+    differs = 0
+    with torch.no_grad():
+        for t in range(prompt.size(1), greedy.size(1)):  # within the context: no sliding window
+            hidden = model.hidden(greedy[:, :t])[:, -1]
+            mixture = model.memory.mix(hidden, model.head(hidden))
+            assert int(greedy[0, t]) == int(mixture.argmax())
+            differs += int(mixture.argmax()) != int(model.head(hidden).argmax())
+    assert differs > 0  # the memory changed what greedy decoding picks
+
+
+def test_the_command_line_scores_and_samples_with_and_without_the_memory(memory_run):
+    runs = gpt_many({
+        "with": ["eval", "--checkpoint", str(memory_run), "--json"],
+        "without": ["eval", "--checkpoint", str(memory_run), "--json", "--no-memory"],
+        "text": ["eval", "--checkpoint", str(memory_run)],
+        "generate": ["generate", "--checkpoint", str(memory_run), "Alice", "--max-new-tokens", "5", "--seed", "1",
+                     "--no-memory"],
+    }, workers=2)
+    assert all(run.returncode == 0 for run in runs.values()), {k: v.stderr for k, v in runs.items()}
+    row = read_metrics(memory_run / "metrics.jsonl")[-1]
+    scored = {name: json.loads(runs[name].stdout) for name in ("with", "without")}
+    assert scored["with"]["bits_per_char"] == pytest.approx(row["val_bits_per_char_with_memory"], abs=1e-5)
+    assert scored["without"]["bits_per_char"] == pytest.approx(row["val_bits_per_char_network"], abs=1e-5)
+    assert scored["with"]["memory_positions"] == row["memory_positions"] and scored["without"]["memory_positions"] == 0
+    assert "with the memory of the training text" in runs["text"].stdout
+    assert runs["generate"].stdout.startswith("Alice")
