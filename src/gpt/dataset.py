@@ -75,6 +75,11 @@ class TokenSplits:
     copies: int = 1  # tokenizations of the training text in `train` (BPE dropout)
     plain_tokens: int | None = None  # the plain tokenization's length, at the start of `train`; None: all of it
 
+    @property
+    def plain_train(self) -> np.ndarray:
+        """The plain tokenization of the training text (what the memory stores), without the BPE-dropout copies."""
+        return self.train[: self.plain_tokens]
+
 
 DROPOUT_MAX_CHARS = 10_000_000  # characters segmented with BPE dropout, all copies (~0.5 s per 130k measured)
 

@@ -146,7 +146,7 @@ def remember_training_text(
     load_weights(model, out / WEIGHTS_FILE)
     alone = score_from_counts(*total_nats(model, splits.val, eot, stride, autocast_dtype=low_precision),
                               splits.val_chars, splits.val_bytes)
-    model.memory = build_memory(model, splits.train[: splits.plain_tokens], eot, stride, low_precision)
+    model.memory = build_memory(model, splits.plain_train, eot, stride, low_precision)
     save_memory(out, model.memory, weights_step(out / WEIGHTS_FILE))
     mixed = score_from_counts(*total_nats(model, splits.val, eot, stride, autocast_dtype=low_precision),
                               splits.val_chars, splits.val_bytes)

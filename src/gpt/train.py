@@ -252,7 +252,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     if world.size > 1 or accum > 1:
         say(f"global batch {global_batch} windows = {micro} per micro-step x {accum} micro-steps x "
             f"{world.size} processes{' (FSDP)' if world.fsdp else ''}", file=sys.stderr)
-    remembering = world.is_main and fits(splits.plain_tokens or len(splits.train), model_config)
+    remembering = world.is_main and fits(len(splits.plain_train), model_config)
     reserve = 0.0  # seconds kept for the memory: building it takes as long as validating its many tokens
 
     def progress() -> float:
@@ -278,7 +278,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                       "checkpoint is still saved", file=sys.stderr)
             return None, False
         if remembering and train_config.max_time:  # the memory's tokens, then scoring with it (~3x) and without
-            scale = (splits.plain_tokens or len(splits.train)) / len(splits.val) + 4
+            scale = len(splits.plain_train) / len(splits.val) + 4
             reserve = min(0.25 * train_config.max_time, scale * (time.perf_counter() - started_at))
         return (score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if world.is_main else None), True
 
