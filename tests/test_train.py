@@ -9,9 +9,9 @@ import torch
 
 from gpt.checkpoint import load_checkpoint, load_training_state
 from gpt.config import TrainConfig, UsageError, preset
-from gpt.hardware import cpu_flags, native_bf16, read_cpuinfo
+from gpt.hardware import autocast_dtype, compiles, cpu_flags, native_bf16, read_cpuinfo
 from gpt.logs import read_metrics
-from gpt.train import autocast_dtype, compiles, learning_rate, run_progress, train
+from gpt.train import learning_rate, run_progress, train
 
 
 def tiny_configs(steps: int):

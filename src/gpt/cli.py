@@ -151,9 +151,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     from gpt.checkpoint import load_checkpoint
+    from gpt.hardware import choose_device
     from gpt.retriever import Retriever
     from gpt.sampling import SamplingParams
-    from gpt.train import choose_device
 
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty).validate()
     if args.max_new_tokens < 0:
@@ -234,9 +234,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from gpt.corpus import load_documents
     from gpt.dataset import split_documents
     from gpt.evaluate import evaluate_documents, score_from_counts, total_nats
+    from gpt.hardware import choose_device
     from gpt.prepare import is_prepared, load_prepared
     from gpt.tokenizer import EOT, special_id
-    from gpt.train import choose_device
 
     checkpoint = load_checkpoint(args.checkpoint, choose_device(args.device))
     if args.no_memory:
@@ -295,7 +295,7 @@ def run_import(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from gpt.train import choose_device
+    from gpt.hardware import choose_device
 
     try:
         import fastapi  # noqa: F401

@@ -1,5 +1,6 @@
-"""The peak arithmetic rate of the CPU a run uses, so training logs and benchmarks can report model FLOP
-utilisation (MFU): the model's FLOPs per second over what the cores could do at best.
+"""What the machine a run uses can do: the device to train on, its precision, whether to compile, and
+the peak arithmetic rate of its CPU, so training logs and benchmarks can report model FLOP utilisation
+(MFU): the model's FLOPs per second over what the cores could do at best.
 
 The peak is an estimate: cores x fp32 FLOP per cycle per core (from the vector units the CPU reports)
 x the clock /proc/cpuinfo shows. Cores that boost above that clock make MFU read high. There is no
@@ -8,12 +9,15 @@ estimate for GPUs, for bf16 training, or for systems without /proc/cpuinfo (MFU 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from gpt.config import UsageError
 
 
 @dataclass
@@ -76,3 +80,35 @@ def cpu_peak(cpuinfo: str | None = None, threads: int | None = None) -> CpuPeak 
 
 def peak_flops(device: torch.device) -> CpuPeak | None:
     return cpu_peak() if device.type == "cpu" else None
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name} was asked for but no CUDA GPU is available; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device mps was asked for but this PyTorch has no Apple GPU support here; use --device cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
+    """The low precision to train in, or None for plain float32. "auto" picks bf16 autocast where the
+    hardware computes in bf16 natively (CUDA GPUs since Ampere, CPUs with AVX512-BF16 or AMX)."""
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if name == "auto" and device.type == "cpu" and native_bf16(cpu_flags(read_cpuinfo())):
+        return torch.bfloat16
+    return None
+
+
+def compiles(device: torch.device, setting: bool | None) -> bool:
+    """Whether the training step goes through torch.compile. By default only on CUDA with Triton: on the CPUs
+    measured it made the step slower (docs/benchmarks.md), and its first step waits for the compiler."""
+    if setting is not None:
+        return setting
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None

@@ -8,7 +8,6 @@ is the whole run's: a resumed run continues from the saved step and elapsed time
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import signal
 import sys
@@ -35,7 +34,7 @@ from gpt.checkpoint import (
 from gpt.config import ModelConfig, TrainConfig, UsageError, first_line
 from gpt.dataset import WindowSampler
 from gpt.evaluate import Score, score_from_counts, total_nats, unigram_score
-from gpt.hardware import cpu_flags, native_bf16, peak_flops, read_cpuinfo
+from gpt.hardware import autocast_dtype, choose_device, compiles, peak_flops
 from gpt.logs import MetricsLog, Progress, plot_losses
 from gpt.memory import fits
 from gpt.model import GPT, lm_loss
@@ -55,38 +54,6 @@ class RunResult:
     step: int
     best_val_loss: float
     interrupted_by: str | None  # "SIGINT" / "SIGTERM" when stopped early
-
-
-def choose_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {name} was asked for but no CUDA GPU is available; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("device mps was asked for but this PyTorch has no Apple GPU support here; use --device cpu")
-    return torch.device(name)
-
-
-def autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
-    """The low precision to train in, or None for plain float32. "auto" picks bf16 autocast where the
-    hardware computes in bf16 natively (CUDA GPUs since Ampere, CPUs with AVX512-BF16 or AMX)."""
-    if name == "bfloat16":
-        return torch.bfloat16
-    if name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if name == "auto" and device.type == "cpu" and native_bf16(cpu_flags(read_cpuinfo())):
-        return torch.bfloat16
-    return None
-
-
-def compiles(device: torch.device, setting: bool | None) -> bool:
-    """Whether the training step goes through torch.compile. By default only on CUDA with Triton: on the CPUs
-    measured it made the step slower (docs/benchmarks.md), and its first step waits for the compiler."""
-    if setting is not None:
-        return setting
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def compile_step(module: torch.nn.Module, device: torch.device, world: distributed.World) -> torch.nn.Module:
