@@ -142,6 +142,18 @@ def test_a_run_ends_with_the_memory_of_its_plain_training_text(memory_run):
     assert nats / (chars * math.log(2)) == pytest.approx(row["val_bits_per_char_network"], abs=1e-5)
 
 
+def test_a_timed_run_reserves_the_memorys_time_before_its_first_validation(alice_text, tmp_path):
+    (tmp_path / "alice_start.txt").write_text(alice_text[:30_000], encoding="utf-8")
+    model_config, train_config = preset("tiny")
+    model_config.memory_weight = 0.5
+    train_config.max_steps, train_config.max_time, train_config.eval_interval = None, 3.0, 100_000
+    train(model_config, train_config, tmp_path / "run", data=str(tmp_path / "alice_start.txt"), show_progress=False)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert sum("val_loss" in row for row in rows) == 1  # only the final validation
+    assert 0 < rows[-1]["memory_seconds_reserved"] <= 0.25 * 3.0
+    assert rows[-2]["elapsed"] < 3.0  # training stopped early, though no validation had timed the memory
+
+
 def test_a_memory_of_other_weights_is_not_used(memory_run, tmp_path):
     checkpoint = load_checkpoint(memory_run)
     for name in ("config.json", "tokenizer.json", WEIGHTS_FILE, MEMORY_FILE):

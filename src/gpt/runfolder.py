@@ -137,10 +137,10 @@ def read_prepared(out: Path, data: str | None, model_config: ModelConfig) -> tup
 
 def remember_training_text(
     out: Path, model_config: ModelConfig, splits: TokenSplits, eot: int, stride: int | None, device: torch.device,
-    low_precision: torch.dtype | None, metrics: MetricsLog, say, step: int,
+    low_precision: torch.dtype | None, metrics: MetricsLog, say, step: int, reserved: float,
 ) -> None:
     """Build the memory (gpt.memory) of the saved weights over the plain training tokens, save it, and log
-    the validation score with and without it."""
+    the validation score with and without it, and its time against the `reserved` estimate."""
     started = time.perf_counter()
     model = GPT(config=model_config).to(device)
     load_weights(model, out / WEIGHTS_FILE)
@@ -152,6 +152,7 @@ def remember_training_text(
                               splits.val_chars, splits.val_bytes)
     seconds = time.perf_counter() - started
     metrics.write({"step": step, "memory_positions": len(model.memory), "memory_seconds": round(seconds, 3),
+                   "memory_seconds_reserved": round(reserved, 3),
                    "val_bits_per_char_network": round(alone.bits_per_char, 6),
                    "val_bits_per_char_with_memory": round(mixed.bits_per_char, 6)})
     say(f"memory of the training text: {len(model.memory):,} positions in {seconds:.0f}s | val bits/char "

@@ -220,7 +220,13 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         say(f"global batch {global_batch} windows = {micro} per micro-step x {accum} micro-steps x "
             f"{world.size} processes{' (FSDP)' if world.fsdp else ''}", file=sys.stderr)
     remembering = world.is_main and fits(len(splits.plain_train), model_config)
-    reserve = 0.0  # seconds kept for the memory: building it takes as long as validating its many tokens
+    reserve, reserve_measured = 0.0, False  # seconds kept for the memory; whether a validation has timed it
+
+    def memory_reserve(seconds_per_token: float) -> float:
+        """The memory's time at this forward speed: every plain training token read twice (windows overlap by
+        half), then validation scored with it and without it (about four passes of its windows)."""
+        work = 2 * len(splits.plain_train) + 8 * len(splits.val)
+        return min(0.25 * train_config.max_time, work * seconds_per_token)
 
     def progress() -> float:
         return run_progress(step, elapsed, train_config, reserve)
@@ -233,7 +239,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
 
     def validate() -> tuple[Score | None, bool]:
         """(score on rank 0, whether it worked): a failed validation (out of memory, say) never costs the run."""
-        nonlocal reserve
+        nonlocal reserve, reserve_measured
         started_at = time.perf_counter()
         try:
             with average.swapped_in() if average else contextlib.nullcontext():
@@ -244,9 +250,9 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                 print(f"warning: validation failed at step {step} ({first_line(err)}); training goes on and the "
                       "checkpoint is still saved", file=sys.stderr)
             return None, False
-        if remembering and train_config.max_time:  # the memory's tokens, then scoring with it (~3x) and without
-            scale = len(splits.plain_train) / len(splits.val) + 4
-            reserve = min(0.25 * train_config.max_time, scale * (time.perf_counter() - started_at))
+        if remembering and train_config.max_time:  # validation reads its windows once: 2 x its tokens
+            reserve = memory_reserve((time.perf_counter() - started_at) / (2 * len(splits.val)))
+            reserve_measured = True
         return (score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if world.is_main else None), True
 
     def checkpoint(val_loss: float | None, validation_failed: bool) -> None:
@@ -328,6 +334,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
             speed = window_steps * tokens_per_step / max(time.perf_counter() - window_start, 1e-9)  # since last row
             if not math.isfinite(train_loss):
                 raise UsageError(diverged(f"the training loss became {train_loss} at step {step}", out))
+            if remembering and train_config.max_time and not reserve_measured:  # a step: ~3 forward passes
+                reserve = memory_reserve(1 / (3 * speed))
             score, validated = validate() if evaluating and (world.is_main or world.fsdp) else (None, True)
             if logging:
                 row = {"step": step, "train_loss": round(train_loss, 6), "lr": lr,
@@ -348,7 +356,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
             window_start, window_steps = time.perf_counter(), 0
         if remembering and not stopping and (out / WEIGHTS_FILE).exists():
             remember_training_text(out, model_config, splits, eot, train_config.eval_stride, device, low_precision,
-                                   metrics, say, step)
+                                   metrics, say, step, reserve)
     if world.is_main:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     interrupted_by = (stop.received or "SIGTERM") if stopping else None
