@@ -31,7 +31,7 @@ def test_memory_distribution_is_the_softmax_of_distances_summed_per_token():
     torch.manual_seed(0)
     config = small_config(embed_dim=8, vocab_size=6)
     keys, values = torch.randn(40, 8), torch.randint(0, 6, (40,))
-    memory = Memory(keys, values, config)
+    memory = Memory(keys, values, values, config)
     queries = torch.randn(5, 8)
     probs = memory.probs(queries)
     for q, row in zip(queries, probs):
@@ -44,17 +44,27 @@ def test_memory_distribution_is_the_softmax_of_distances_summed_per_token():
 def test_mixture_is_a_distribution_with_the_configured_shares():
     torch.manual_seed(1)
     config = small_config(embed_dim=8, vocab_size=6, memory_weight=0.3)
-    memory = Memory(torch.randn(30, 8), torch.randint(0, 6, (30,)), config)
+    text = torch.randint(0, 6, (31,))
+    memory = Memory(torch.randn(30, 8), text[1:], text, config)
     hidden, logits = torch.randn(4, 8), torch.randn(4, 6)
     mixed = memory.mix(hidden, logits).exp()
     expected = 0.7 * torch.softmax(logits, -1) + 0.3 * memory.probs(hidden)
     torch.testing.assert_close(mixed, expected)
     assert torch.allclose(mixed.sum(-1), torch.ones(4))
+    config.memory_ngram_weight, config.memory_ngram_order = 0.2, 3
+    counted = Memory(memory.keys, memory.values, text, config)
+    contexts = torch.tensor([[-1, -1], [-1, 2], [4, 5], [int(text[0]), int(text[1])]])
+    mixed = counted.mix(hidden, logits, contexts).exp()
+    expected = 0.5 * torch.softmax(logits, -1) + 0.3 * memory.probs(hidden) + 0.2 * counted.ngram.probs(contexts)
+    torch.testing.assert_close(mixed, expected)
+    assert torch.allclose(mixed.sum(-1), torch.ones(4))
+    with pytest.raises(ValueError, match="contexts"):
+        counted.mix(hidden, logits)
 
 
 def test_scoring_with_a_memory_equals_the_mixture_computed_by_hand():
     torch.manual_seed(2)
-    model = GPT(config=small_config()).eval()
+    model = GPT(config=small_config(memory_ngram_weight=0.2, memory_ngram_order=3)).eval()
     ids = np.random.default_rng(0).integers(2, 50, 40)
     model.memory = build_memory(model, np.random.default_rng(1).integers(2, 50, 100), ignore_id=1)
     nats, count = total_nats(model, ids, ignore_id=1, stride=16)
@@ -63,7 +73,9 @@ def test_scoring_with_a_memory_equals_the_mixture_computed_by_hand():
     with torch.no_grad():
         for begin, end, new in ((0, 16, 16), (16, 32, 16), (32, 39, 7)):
             hidden = model.hidden(x[None, begin:end])[0, -new:]
-            log_probs = model.memory.mix(hidden, model.head(hidden))
+            contexts = torch.stack([x[max(0, t - 1) : t + 1] if t else torch.tensor([-1, x[0]])
+                                    for t in range(end - new, end)])  # the two tokens up to each position
+            log_probs = model.memory.mix(hidden, model.head(hidden), contexts)
             expected -= float(log_probs.gather(1, x[begin + 1 : end + 1][-new:, None]).sum())
     assert count == 39
     assert nats == pytest.approx(expected, rel=1e-5)
@@ -103,6 +115,12 @@ def test_bad_memory_settings_are_refused(weight, temperature):
         small_config(memory_weight=weight, memory_temperature=temperature).validate()
 
 
+@pytest.mark.parametrize("weight, ngram_weight, order", [(0.5, 0.5, 4), (0.0, 0.2, 4), (0.5, -0.1, 4), (0.5, 0.2, 0)])
+def test_bad_ngram_settings_are_refused(weight, ngram_weight, order):
+    with pytest.raises(UsageError, match="memory_"):
+        small_config(memory_weight=weight, memory_ngram_weight=ngram_weight, memory_ngram_order=order).validate()
+
+
 def test_the_reserve_ends_a_timed_run_early():
     config = TrainConfig(max_time=600.0, max_steps=None)
     assert run_progress(10, 450.0, config, reserve=150.0) == 1.0
@@ -115,7 +133,7 @@ def memory_run(tmp_path_factory, alice_text):
     folder = tmp_path_factory.mktemp("runs")
     (folder / "alice_start.txt").write_text(alice_text[:30_000], encoding="utf-8")
     model_config, train_config = preset("tiny")
-    model_config.memory_weight, model_config.memory_temperature = 0.5, 2.0
+    model_config.memory_weight, model_config.memory_temperature, model_config.memory_ngram_weight = 0.5, 2.0, 0.2
     train_config.max_steps, train_config.max_time = 40, None
     train_config.eval_interval = 20
     train(model_config, train_config, folder / "memory", data=str(folder / "alice_start.txt"), show_progress=False)
@@ -131,6 +149,7 @@ def test_a_run_ends_with_the_memory_of_its_plain_training_text(memory_run):
     memory = checkpoint.model.memory
     assert memory is not None and len(memory) == int((train_ids[1:] != eot).sum())
     assert sorted(memory.values.tolist()) == sorted(train_ids[1:][train_ids[1:] != eot].tolist())
+    assert memory.ngram is not None and memory.text.tolist() == train_ids.tolist()
     row = read_metrics(memory_run / "metrics.jsonl")[-1]
     assert row["step"] == 40 and row["memory_positions"] == len(memory)
     val_ids = encode_documents(checkpoint.tokenizer, val_docs)
@@ -172,6 +191,12 @@ def test_a_damaged_or_mismatched_memory_is_one_clear_error(memory_run, tmp_path)
                "values": torch.zeros(3, dtype=torch.int32)}, str(tmp_path / MEMORY_FILE), metadata={"step": "40"})
     with pytest.raises(UsageError, match="does not fit the model.*delete it"):
         load_memory(tmp_path, config, "40")
+    save_file({"keys": torch.zeros(3, config.embed_dim, dtype=torch.float16),
+               "values": torch.zeros(3, dtype=torch.int32)}, str(tmp_path / MEMORY_FILE), metadata={"step": "40"})
+    with pytest.raises(UsageError, match="without the training tokens"):
+        load_memory(tmp_path, config, "40")
+    config.memory_ngram_weight = 0.0
+    assert len(load_memory(tmp_path, config, "40")) == 3  # the neighbours alone need no tokens
 
 
 def test_generation_follows_the_mixture_with_and_without_the_cache(memory_run):
@@ -183,7 +208,7 @@ def test_generation_follows_the_mixture_with_and_without_the_cache(memory_run):
     with torch.no_grad():
         for t in range(prompt.size(1), greedy.size(1)):  # within the context: no sliding window
             hidden = model.hidden(greedy[:, :t])[:, -1]
-            mixture = model.memory.mix(hidden, model.head(hidden))
+            mixture = model.memory.mix(hidden, model.head(hidden), model.memory.contexts(greedy[:, :t])[:, -1])
             assert int(greedy[0, t]) == int(mixture.argmax())
             differs += int(mixture.argmax()) != int(model.head(hidden).argmax())
     assert differs > 0  # the memory changed what greedy decoding picks

@@ -218,7 +218,8 @@ def weights_step(path: Path) -> str | None:
 
 
 def save_memory(folder: Path, memory: Memory, step: str | None) -> None:
-    tensors = {"keys": memory.keys.half().contiguous().cpu(), "values": memory.values.int().contiguous().cpu()}
+    tensors = {"keys": memory.keys.half().contiguous().cpu(), "values": memory.values.int().contiguous().cpu(),
+               "text": memory.text.int().contiguous()}
     atomic_write(Path(folder) / MEMORY_FILE, lambda p: save_file(tensors, str(p), metadata={"step": str(step)}))
 
 
@@ -234,9 +235,13 @@ def load_memory(folder: Path, config: ModelConfig, step: str | None, device: str
             if (handle.metadata() or {}).get("step") != str(step):
                 return None
             keys, values = handle.get_tensor("keys"), handle.get_tensor("values")
+            text = handle.get_tensor("text") if "text" in handle.keys() else torch.zeros(0, dtype=torch.int32)
     except Exception as err:  # safetensors raises its own error type for damaged files
         raise UsageError(f"{path} cannot be read ({first_line(err)}); delete it to use the network alone") from None
-    if keys.ndim != 2 or keys.size(1) != config.embed_dim or values.shape != keys.shape[:1] or (
-            len(values) and not 0 <= int(values.min()) <= int(values.max()) < config.vocab_size):
+    if keys.ndim != 2 or keys.size(1) != config.embed_dim or values.shape != keys.shape[:1] or any(
+            len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < config.vocab_size for ids in (values, text)):
         raise UsageError(f"{path} does not fit the model in {CONFIG_FILE}; delete it to use the network alone")
-    return Memory(keys, values, config, device)
+    if config.memory_ngram_weight > 0 and not len(text):
+        raise UsageError(f"{path} was built without the training tokens that model.memory_ngram_weight needs (an "
+                         "older version): train again, or set the weight to 0")
+    return Memory(keys, values, text.long(), config, device)

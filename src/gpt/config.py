@@ -47,6 +47,8 @@ class ModelConfig:
     embedding_dropout: float = 0.0  # chance that a vocabulary entry is dropped from the input for a step
     memory_weight: float = 0.0  # share of the training text's memory in predictions (gpt.memory); 0: off
     memory_temperature: float = 110.0  # the memory's softmax temperature over squared distances of hidden states
+    memory_ngram_weight: float = 0.0  # share of the memory's Kneser-Ney n-gram of the training tokens (gpt.ngram)
+    memory_ngram_order: int = 4  # the n-gram's longest context, in tokens, plus one
 
     def validate(self) -> None:
         for name in ("vocab_size", "sequence_len", "num_layers", "embed_dim", "num_heads", "forward_expansion"):
@@ -66,6 +68,14 @@ class ModelConfig:
             raise UsageError(f"model.memory_weight must be in [0, 1), got {self.memory_weight}")
         if not self.memory_temperature > 0:
             raise UsageError(f"model.memory_temperature must be positive, got {self.memory_temperature}")
+        if not 0.0 <= self.memory_ngram_weight < 1.0 - self.memory_weight:
+            raise UsageError(f"model.memory_ngram_weight must be in [0, 1 - model.memory_weight), got "
+                             f"{self.memory_ngram_weight} with memory_weight {self.memory_weight}")
+        if self.memory_ngram_weight and not self.memory_weight:
+            raise UsageError("model.memory_ngram_weight needs model.memory_weight above 0: the n-gram is part of the "
+                             "memory of the training text")
+        if self.memory_ngram_order <= 0:
+            raise UsageError(f"model.memory_ngram_order must be a positive integer, got {self.memory_ngram_order}")
         if self.arch not in ARCHS:
             raise UsageError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
 
@@ -165,9 +175,11 @@ PRESETS: dict[str, Preset] = {
         about="2 layers, 32 wide: trains in seconds, for tests and smoke checks",
     ),
     "small": Preset(
-        model=dict(dropout=0.0, attention_dropout=0.0, memory_weight=0.6, memory_temperature=110.0),
+        model=dict(dropout=0.0, attention_dropout=0.0, memory_weight=0.45, memory_temperature=120.0,
+                   memory_ngram_weight=0.2, memory_ngram_order=4),
         train=dict(bpe_dropout=0.07, bpe_copies=20),
-        about="6 layers, 512 wide, 64-token context, BPE dropout, a memory of the training text: the default, "
+        about="6 layers, 512 wide, 64-token context, BPE dropout, a memory of the training text (neighbours and "
+              "n-gram counts): the default, "
               "tuned for 10 minutes on a laptop CPU",
     ),
     "seed": Preset(

@@ -120,7 +120,8 @@ def total_nats(
         if model.memory is None:
             losses = F.cross_entropy(logits.float(), y[scored], reduction="none")
         else:  # the mixture in float32, outside autocast
-            losses = -model.memory.mix(hidden.float(), logits).gather(1, y[scored][:, None])
+            contexts = model.memory.contexts(x)[scored]  # (n, order - 1) for the n-gram part
+            losses = -model.memory.mix(hidden.float(), logits, contexts).gather(1, y[scored][:, None])
         nats += losses.double().sum().cpu()
         count += int(scored.sum())
     model.train(was_training)

@@ -8,10 +8,16 @@ text. The model's prediction is the mixture
 
     p(token) = (1 - w) * p_network(token) + w * p_memory(token)
 
-with w = model.memory_weight and T = model.memory_temperature. Both are normalized distributions, so the mixture
-is one too, and scoring held-out text with it is as valid as scoring the network alone; the memory holds only
-the training split. On a small text the network, trained for many passes, is sure of what it memorised; the
-memory spreads that knowledge over similar contexts (docs/training.md, round 9).
+with w = model.memory_weight and T = model.memory_temperature. The memory also keeps the training tokens
+themselves and, with model.memory_ngram_weight = v > 0, counts them into a Kneser-Ney n-gram model (gpt.ngram)
+that takes a share of its own:
+
+    p(token) = (1 - w - v) * p_network(token) + w * p_memory(token) + v * p_ngram(token | last tokens)
+
+All parts are normalized distributions, so the mixture is one too, and scoring held-out text with it is as valid
+as scoring the network alone; the memory holds only the training split. On a small text the network, trained
+for many passes, is sure of what it memorised; the neighbours spread that knowledge over similar contexts, and
+the counts know exactly which words followed which (docs/training.md, rounds 9 and 10).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 
 from gpt.config import ModelConfig
 from gpt.evaluate import checked_stride, window_batches
+from gpt.ngram import NGram, token_contexts
 
 if TYPE_CHECKING:
     from gpt.model import GPT
@@ -33,13 +40,18 @@ QUERY_CHUNK = 256  # queries scored at once: QUERY_CHUNK x keys floats of scratc
 
 
 class Memory:
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, config: ModelConfig, device="cpu"):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, text: torch.Tensor, config: ModelConfig,
+                 device="cpu"):
         self.keys = keys.to(device, torch.float32)  # (N, E)
         self.key_norms = (self.keys**2).sum(-1)  # (N,)
         self.values = values.to(device, torch.int64)  # (N,)
+        self.text = text.to(torch.int64)  # the plain training tokens the keys were read from
         self.weight = config.memory_weight  # in (0, 1): load_memory and the trainer build none at 0
         self.temperature = config.memory_temperature
         self.vocab_size = config.vocab_size
+        self.ngram_weight, self.ngram = config.memory_ngram_weight, None
+        if self.ngram_weight > 0:
+            self.ngram = NGram(self.text.numpy(), config.memory_ngram_order, config.vocab_size)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -55,11 +67,21 @@ class Memory:
             chunks.append(by_token.index_add_(0, self.values, weights.T).T)  # (n, vocab): weights summed per value
         return torch.cat(chunks)
 
-    def mix(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """(n, E) hidden states and (n, vocab) network logits -> (n, vocab) log-probabilities of the mixture."""
-        network = torch.log_softmax(logits.float(), dim=-1) + math.log1p(-self.weight)
-        memory = self.probs(hidden).log() + math.log(self.weight)
-        return torch.logaddexp(network, memory)
+    def contexts(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) tokens -> (B, T, order - 1) what the n-gram part reads at each position (-1: nothing)."""
+        return token_contexts(tokens, self.ngram.order - 1 if self.ngram else 0, pad_mask)
+
+    def mix(self, hidden: torch.Tensor, logits: torch.Tensor, contexts: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, E) hidden states, (n, vocab) network logits and, for the n-gram part, (n, order - 1) contexts
+        (`contexts()`) -> (n, vocab) log-probabilities of the mixture."""
+        network = torch.log_softmax(logits.float(), dim=-1) + math.log1p(-self.weight - self.ngram_weight)
+        mixture = torch.logaddexp(network, self.probs(hidden).log() + math.log(self.weight))
+        if self.ngram is None:
+            return mixture
+        if contexts is None:
+            raise ValueError("this memory has an n-gram part: pass the contexts (Memory.contexts) to mix()")
+        counted = self.ngram.probs(contexts).to(mixture.device).log() + math.log(self.ngram_weight)
+        return torch.logaddexp(mixture, counted)
 
 
 @torch.no_grad()
@@ -77,7 +99,8 @@ def build_memory(model: GPT, ids: np.ndarray, ignore_id: int, stride: int | None
         keys.append(hidden.half().cpu())
         values.append(y[scored])
     model.train(was_training)
-    return Memory(torch.cat(keys), torch.cat(values), model.config, device)
+    return Memory(torch.cat(keys), torch.cat(values), torch.from_numpy(np.asarray(ids).astype(np.int64)),
+                  model.config, device)
 
 
 def fits(num_tokens: int, config: ModelConfig) -> bool:

@@ -329,7 +329,7 @@ class Decoder:
         """(B, E) -> (B, vocab) the network's logits, or with a memory (gpt.memory) the mixture's log-probs."""
         logits = self.model.head(hidden) if self.plan is None else matvec(hidden, *self.plan.head)
         memory = self.model.memory
-        return logits if memory is None else memory.mix(hidden, logits)
+        return logits if memory is None else memory.mix(hidden, logits, memory.contexts(self.tokens, self.pad)[:, -1])
 
     def append(self, token: torch.Tensor) -> torch.Tensor:
         """Add one token per row (B,); return the logits for the token after it."""
