@@ -4,7 +4,8 @@
   model.safetensors   the weights to use (during training: the best by validation loss)
   tokenizer.json      the byte-level BPE
   training_state.pt   the latest weights, optimizer, step, elapsed time and RNG state, for --resume
-  memory.safetensors  the training text's memory (gpt.memory), built at the end of a run for the saved weights
+  memory.safetensors  the training text's memory (gpt.memory): hidden-state keys, next tokens and the plain
+                      training tokens, built at the end of a run for the saved weights
 
 Each file is written to a temporary name and renamed over the old one, so a crash mid-save
 leaves the previous version intact.

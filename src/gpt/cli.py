@@ -262,8 +262,10 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         how = f", scored adaptively (dynamic evaluation, SGD learning rate {args.adapt:g})" if args.adapt else ""
         if memory is not None and not args.adapt:
+            counts = (f", {config.memory_ngram_order}-gram counts {config.memory_ngram_weight:g}"
+                      if memory.ngram else "")
             how = (f", with the memory of the training text ({len(memory):,} positions, weight "
-                   f"{config.memory_weight:g}; --no-memory for the network alone)")
+                   f"{config.memory_weight:g}{counts}; --no-memory for the network alone)")
         elif config.memory_weight > 0 and not args.no_memory and not args.adapt:
             how = ", by the network alone (this checkpoint has no memory: it is built when a training run ends)"
         print(f"{what}: {score.tokens:,} tokens, {score.chars:,} characters{how}\n"
