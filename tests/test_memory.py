@@ -10,11 +10,12 @@ from safetensors.torch import save_file
 from gpt.checkpoint import MEMORY_FILE, WEIGHTS_FILE, load_checkpoint, load_memory, save_weights
 from gpt.config import ModelConfig, TrainConfig, UsageError, preset
 from gpt.corpus import load_documents
-from gpt.dataset import encode_documents, split_documents
+from gpt.dataset import TokenSplits, encode_documents, split_documents
 from gpt.evaluate import total_nats
 from gpt.logs import read_metrics
 from gpt.memory import MEMORY_MAX_BYTES, Memory, build_memory, fits
 from gpt.model import GPT
+from gpt.runfolder import validates_with_memory
 from gpt.tokenizer import EOT, special_id
 from gpt.train import run_progress, train
 
@@ -109,6 +110,16 @@ def test_fits_only_when_on_and_small_enough():
     assert not fits(1000, small_config(memory_weight=0.0))
 
 
+def test_validations_use_a_memory_only_for_a_text_short_next_to_the_training_between_them():
+    model_config, train_config = small_config(), TrainConfig(eval_interval=10)
+    trained = 10 * 4 * model_config.sequence_len  # eval_interval x global batch x context
+    assert validates_with_memory(TokenSplits(np.zeros(trained // 4), np.zeros(10), []), model_config, train_config, 4)
+    longer = TokenSplits(np.zeros(trained // 4 + 1), np.zeros(10), [])
+    assert not validates_with_memory(longer, model_config, train_config, 4)
+    model_config.memory_weight, model_config.memory_ngram_weight = 0.0, 0.0
+    assert not validates_with_memory(TokenSplits(np.zeros(8), np.zeros(10), []), model_config, train_config, 4)
+
+
 @pytest.mark.parametrize("weight, temperature", [(1.0, 1.0), (-0.1, 1.0), (0.5, 0.0), (0.5, -2.0)])
 def test_bad_memory_settings_are_refused(weight, temperature):
     with pytest.raises(UsageError, match="memory_"):
@@ -150,8 +161,11 @@ def test_a_run_ends_with_the_memory_of_its_plain_training_text(memory_run):
     assert memory is not None and len(memory) == int((train_ids[1:] != eot).sum())
     assert sorted(memory.values.tolist()) == sorted(train_ids[1:][train_ids[1:] != eot].tolist())
     assert memory.ngram is not None and memory.text.tolist() == train_ids.tolist()
-    row = read_metrics(memory_run / "metrics.jsonl")[-1]
+    rows = read_metrics(memory_run / "metrics.jsonl")
+    row = rows[-1]
     assert row["step"] == 40 and row["memory_positions"] == len(memory)
+    middle = next(r for r in rows if r["step"] == 20 and "val_loss" in r)
+    assert "val_bits_per_char_with_memory" not in middle  # the text is long next to 20 steps: no memory mid-run
     val_ids = encode_documents(checkpoint.tokenizer, val_docs)
     nats, _ = total_nats(checkpoint.model, val_ids, eot)
     chars = sum(map(len, val_docs))
@@ -159,6 +173,38 @@ def test_a_run_ends_with_the_memory_of_its_plain_training_text(memory_run):
     checkpoint.model.memory = None
     nats, _ = total_nats(checkpoint.model, val_ids, eot)
     assert nats / (chars * math.log(2)) == pytest.approx(row["val_bits_per_char_network"], abs=1e-5)
+
+
+def test_validations_during_a_run_score_with_a_memory_of_the_weights_they_validate(alice_text, tmp_path):
+    """A second run stopped at the first validation's step has the same weights there (the learning rate does
+    not depend on the run's length here), and its checkpoint with a memory read at non-overlapping windows
+    scores what the first run logged at that step."""
+    text = tmp_path / "start.txt"
+    text.write_text(alice_text[1_000:5_000], encoding="utf-8")
+
+    def run(name: str, steps: int) -> list[dict]:
+        model_config, train_config = preset("tiny")
+        model_config.memory_weight, model_config.memory_ngram_weight = 0.5, 0.2
+        train_config.max_steps, train_config.max_time, train_config.eval_interval = steps, None, 40
+        train_config.min_lr_ratio = 1.0  # constant after the warm-up
+        train(model_config, train_config, tmp_path / name, data=str(text), show_progress=False)
+        return [row for row in read_metrics(tmp_path / name / "metrics.jsonl") if "val_loss" in row]
+
+    middle, end = run("long", 80)
+    assert (middle["step"], end["step"]) == (40, 80)
+    assert middle["val_bits_per_char_with_memory"] < middle["val_bits_per_char"]
+    assert "val_bits_per_char_with_memory" not in end  # the memory built at the end logs its own row
+    (stopped,) = run("short", 40)
+    assert stopped["val_bits_per_char"] == pytest.approx(middle["val_bits_per_char"], abs=1e-6)
+    checkpoint = load_checkpoint(tmp_path / "short")
+    train_docs, val_docs = split_documents(load_documents(text), checkpoint.train_config.val_fraction)
+    eot = special_id(checkpoint.tokenizer, EOT)
+    model = checkpoint.model
+    model.memory = build_memory(model, encode_documents(checkpoint.tokenizer, train_docs), eot,
+                                stride=model.config.sequence_len)
+    nats, _ = total_nats(model, encode_documents(checkpoint.tokenizer, val_docs), eot)
+    chars = sum(map(len, val_docs))
+    assert nats / (chars * math.log(2)) == pytest.approx(middle["val_bits_per_char_with_memory"], abs=1e-5)
 
 
 def test_a_timed_run_reserves_the_memorys_time_before_its_first_validation(alice_text, tmp_path):

@@ -28,9 +28,9 @@ from gpt.checkpoint import (
 from gpt.config import ModelConfig, TrainConfig, UsageError
 from gpt.corpus import load_documents
 from gpt.dataset import TokenSplits, check_lengths, prepare_splits, split_documents, token_dtype, write_tokens
-from gpt.evaluate import score_from_counts, total_nats
+from gpt.evaluate import Score, score_from_counts, total_nats
 from gpt.logs import MetricsLog
-from gpt.memory import build_memory
+from gpt.memory import build_memory, fits
 from gpt.model import GPT
 from gpt.prepare import is_prepared, load_prepared
 from gpt.tokenizer import PAD, load_tokenizer, train_tokenizer
@@ -157,3 +157,25 @@ def remember_training_text(
                    "val_bits_per_char_with_memory": round(mixed.bits_per_char, 6)})
     say(f"memory of the training text: {len(model.memory):,} positions in {seconds:.0f}s | val bits/char "
         f"{mixed.bits_per_char:.4f} with it, {alone.bits_per_char:.4f} for the network alone", file=sys.stderr)
+
+
+def validates_with_memory(splits: TokenSplits, model_config: ModelConfig, train_config: TrainConfig,
+                          global_batch: int) -> bool:
+    """Whether the validations during a run also score with a memory of the weights they validate: when the
+    training text is at most a quarter of the tokens trained between two validations, reading it once costs
+    about a twelfth of that training (a step is ~3 forward passes), and the log shows what the model scores."""
+    trained = train_config.eval_interval * global_batch * model_config.sequence_len
+    return fits(len(splits.plain_train), model_config) and 4 * len(splits.plain_train) <= trained
+
+
+def score_with_memory(model: GPT, splits: TokenSplits, eot: int, stride: int | None,
+                      low_precision: torch.dtype | None) -> Score:
+    """Validation with a memory of the model's current weights, as a run stopped here would score. Its keys
+    come from windows that do not overlap: half the work of the saved memory's (0.001 bits/char apart on
+    Alice, docs/training.md)."""
+    model.memory = build_memory(model, splits.plain_train, eot, model.config.sequence_len, low_precision)
+    try:
+        return score_from_counts(*total_nats(model, splits.val, eot, stride, autocast_dtype=low_precision),
+                                 splits.val_chars, splits.val_bytes)
+    finally:
+        model.memory = None

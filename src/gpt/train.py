@@ -45,6 +45,8 @@ from gpt.runfolder import (
     read_prepared,
     remember_training_text,
     remove_empty,
+    score_with_memory,
+    validates_with_memory,
 )
 from gpt.tokenizer import EOT, special_id
 
@@ -220,6 +222,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         say(f"global batch {global_batch} windows = {micro} per micro-step x {accum} micro-steps x "
             f"{world.size} processes{' (FSDP)' if world.fsdp else ''}", file=sys.stderr)
     remembering = world.is_main and fits(len(splits.plain_train), model_config)
+    mid_run_memory = remembering and validates_with_memory(splits, model_config, train_config, global_batch)
     reserve, reserve_measured = 0.0, False  # seconds kept for the memory; whether a validation has timed it
 
     def memory_reserve(seconds_per_token: float) -> float:
@@ -237,23 +240,28 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     if resume:
         say(f"resuming at step {step} ({elapsed:.0f}s already trained)", file=sys.stderr)
 
-    def validate() -> tuple[Score | None, bool]:
-        """(score on rank 0, whether it worked): a failed validation (out of memory, say) never costs the run."""
+    def validate(with_memory: bool) -> tuple[Score | None, Score | None, bool]:
+        """(score on rank 0, the score with a memory of these weights or None, whether it worked): a failed
+        validation (out of memory, say) never costs the run."""
         nonlocal reserve, reserve_measured
         started_at = time.perf_counter()
         try:
             with average.swapped_in() if average else contextlib.nullcontext():
                 nats, count = total_nats(model, splits.val, eot, train_config.eval_stride,
                                          autocast_dtype=low_precision)
+                network_seconds = time.perf_counter() - started_at
+                mixed = score_with_memory(model, splits, eot, train_config.eval_stride, low_precision) \
+                    if with_memory else None
         except Exception as err:
             if world.is_main:
                 print(f"warning: validation failed at step {step} ({first_line(err)}); training goes on and the "
                       "checkpoint is still saved", file=sys.stderr)
-            return None, False
+            return None, None, False
         if remembering and train_config.max_time:  # validation reads its windows once: 2 x its tokens
-            reserve = memory_reserve((time.perf_counter() - started_at) / (2 * len(splits.val)))
+            reserve = memory_reserve(network_seconds / (2 * len(splits.val)))
             reserve_measured = True
-        return (score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if world.is_main else None), True
+        score = score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if world.is_main else None
+        return score, mixed, True
 
     def checkpoint(val_loss: float | None, validation_failed: bool) -> None:
         nonlocal best_val
@@ -336,7 +344,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                 raise UsageError(diverged(f"the training loss became {train_loss} at step {step}", out))
             if remembering and train_config.max_time and not reserve_measured:  # a step: ~3 forward passes
                 reserve = memory_reserve(1 / (3 * speed))
-            score, validated = validate() if evaluating and (world.is_main or world.fsdp) else (None, True)
+            score, mixed, validated = validate(mid_run_memory and not (finished or stopping)) \
+                if evaluating and (world.is_main or world.fsdp) else (None, None, True)
             if logging:
                 row = {"step": step, "train_loss": round(train_loss, 6), "lr": lr,
                        "tokens_seen": windows_seen * model_config.sequence_len, "elapsed": round(elapsed, 3),
@@ -346,6 +355,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                 if score is not None:
                     val_loss = score.loss
                     row.update(val_loss=round(score.loss, 6), val_bits_per_char=round(score.bits_per_char, 6))
+                if mixed is not None:  # the end's memory row has the final one
+                    row["val_bits_per_char_with_memory"] = round(mixed.bits_per_char, 6)
                 if world.is_main:
                     metrics.write(row)
                 bar.update(progress(), step=step, loss=f"{train_loss:.3f}",
