@@ -33,7 +33,11 @@ def torchrun(*args: str, **popen) -> subprocess.Popen:
 
 
 def finished(process: subprocess.Popen) -> str:
-    _, err = process.communicate(timeout=300)
+    try:
+        _, err = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # a hung run (a collective only some ranks reached) must not outlive the test
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
     assert process.returncode == 0, err[-3000:]
     return err
 
@@ -94,3 +98,20 @@ def test_interrupted_run_resumes_exactly_on_two_or_one_processes(runs):
 
     assert main(["train", "--resume", "--grad-accum", "2", "--out", str(root / "stopped_copy"), "--quiet"]) == 0
     assert_same_losses(losses(root / "stopped_copy"), losses(root / "two"), 1e-4, after=stopped_at)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_validations_with_a_memory_under_torchrun(tmp_path, alice_text, fsdp):
+    """Rank 0 builds the validations' memories alone with its full model; a sharded (FSDP) model cannot, so its
+    validations log the network only, and the run still ends with the memory of the saved weights."""
+    (tmp_path / "start.txt").write_text(alice_text[1_000:5_000], encoding="utf-8")
+    (tmp_path / "run.toml").write_text("[model]\nmemory_weight = 0.5\nmemory_ngram_weight = 0.2\n[train]\n"
+                                       "eval_interval = 20\n")
+    out = tmp_path / "run"
+    finished(torchrun("--preset", "tiny", "--config", str(tmp_path / "run.toml"), "--data", str(tmp_path / "start.txt"),
+                      "--max-steps", "40", *(["--fsdp"] if fsdp else []), "--out", str(out)))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    middle = next(row for row in rows if row["step"] == 20 and "val_loss" in row)
+    assert ("val_bits_per_char_with_memory" in middle) is not fsdp
+    assert rows[-1]["memory_positions"] > 0
+    assert load_checkpoint(out).model.memory is not None

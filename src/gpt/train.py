@@ -222,7 +222,9 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         say(f"global batch {global_batch} windows = {micro} per micro-step x {accum} micro-steps x "
             f"{world.size} processes{' (FSDP)' if world.fsdp else ''}", file=sys.stderr)
     remembering = world.is_main and fits(len(splits.plain_train), model_config)
-    mid_run_memory = remembering and validates_with_memory(splits, model_config, train_config, global_batch)
+    # under FSDP rank 0 cannot run its sharded model alone; the memory at the end loads the saved weights
+    mid_run_memory = remembering and not world.fsdp and validates_with_memory(splits, model_config, train_config,
+                                                                              global_batch)
     reserve, reserve_measured = 0.0, False  # seconds kept for the memory; whether a validation has timed it
 
     def memory_reserve(seconds_per_token: float) -> float:
