@@ -135,6 +135,14 @@ def read_prepared(out: Path, data: str | None, model_config: ModelConfig) -> tup
     return tokenizer, TokenSplits(train_ids, val_ids, [])
 
 
+def validation_score(model: GPT, splits: TokenSplits, eot: int, stride: int | None,
+                     low_precision: torch.dtype | None) -> Score:
+    """The validation split scored by `model` (with its memory, if it has one), on rank 0: the other torchrun
+    ranks have no character counts (the trainer's own validation, which every FSDP rank runs, sums nats first)."""
+    return score_from_counts(*total_nats(model, splits.val, eot, stride, autocast_dtype=low_precision),
+                             splits.val_chars, splits.val_bytes)
+
+
 def remember_training_text(
     out: Path, model_config: ModelConfig, splits: TokenSplits, eot: int, stride: int | None, device: torch.device,
     low_precision: torch.dtype | None, metrics: MetricsLog, say, step: int, reserved: float,
@@ -144,12 +152,10 @@ def remember_training_text(
     started = time.perf_counter()
     model = GPT(config=model_config).to(device)
     load_weights(model, out / WEIGHTS_FILE)
-    alone = score_from_counts(*total_nats(model, splits.val, eot, stride, autocast_dtype=low_precision),
-                              splits.val_chars, splits.val_bytes)
+    alone = validation_score(model, splits, eot, stride, low_precision)
     model.memory = build_memory(model, splits.plain_train, eot, stride, low_precision)
     save_memory(out, model.memory, weights_step(out / WEIGHTS_FILE))
-    mixed = score_from_counts(*total_nats(model, splits.val, eot, stride, autocast_dtype=low_precision),
-                              splits.val_chars, splits.val_bytes)
+    mixed = validation_score(model, splits, eot, stride, low_precision)
     seconds = time.perf_counter() - started
     metrics.write({"step": step, "memory_positions": len(model.memory), "memory_seconds": round(seconds, 3),
                    "memory_seconds_reserved": round(reserved, 3),
@@ -175,7 +181,6 @@ def score_with_memory(model: GPT, splits: TokenSplits, eot: int, stride: int | N
     Alice, docs/training.md)."""
     model.memory = build_memory(model, splits.plain_train, eot, model.config.sequence_len, low_precision)
     try:
-        return score_from_counts(*total_nats(model, splits.val, eot, stride, autocast_dtype=low_precision),
-                                 splits.val_chars, splits.val_bytes)
+        return validation_score(model, splits, eot, stride, low_precision)
     finally:
         model.memory = None
