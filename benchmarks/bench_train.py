@@ -2,7 +2,7 @@
 
     pip install -e '.[bench]'          # or: pip install transformers
     python benchmarks/bench_train.py [--sizes S,M] [--precisions fp32,bf16] [--rounds N] [--steps-per-round K]
-                                     [--warmup W] [--json OUT.json]
+                                     [--warmup W] [--no-compile] [--json OUT.json]
 
 What it measures: for each size and precision, full training steps of three models built from configs (no
 downloads): our `gpt.model.GPT` (arch "gpt1"), `OpenAIGPTLMHeadModel` and `GPT2LMHeadModel`, all with the
@@ -11,6 +11,11 @@ forward on T tokens, cross-entropy on T next-token targets (logits cast to fp32)
 at 1.0, AdamW step, zero_grad. Ours uses `model.loss` and `gpt.train.make_optimizer`; the transformers models
 use `model(input_ids=x).logits` + `F.cross_entropy` (not `labels=`, which shifts and would score T-1 targets)
 and a `torch.optim.AdamW` with the same learning rate, betas, eps, weight-decay split and fused flag.
+
+A fourth contender (skip it with --no-compile) is our model as `gpt train --compile` runs it: the same weights
+through `gpt.train.compile_step` (torch.compile; on one GPU with CUDA graphs), the loss taken as the trainer
+takes it. Its first warm-up step waits for the compiler; that time is printed, not counted in tokens/s. The
+transformers models run eager, as a plain transformers training script does.
 
 bf16 runs the same fp32 models under `torch.autocast(device, dtype=torch.bfloat16)`. Without avx512_bf16 or
 AMX the CPU emulates bf16 matmuls, so expect it to be slower than fp32 there; the numbers are printed as
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import math
@@ -49,9 +55,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig, TrainConfig
+from gpt.distributed import World
 from gpt.hardware import cpu_flags, cpu_peak, read_cpuinfo
-from gpt.model import GPT
-from gpt.train import make_optimizer
+from gpt.model import GPT, lm_loss
+from gpt.train import compile_step, make_optimizer
 
 try:
     import transformers
@@ -60,6 +67,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 PRECISIONS = ("fp32", "bf16")
 OURS = "ours: gpt.GPT (gpt1)"
+OURS_COMPILED = "ours, compiled (gpt train --compile)"
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -154,10 +162,21 @@ def logits_loss(model: nn.Module) -> LossFn:
     return loss
 
 
-def build_contenders(size: Size, device: str = "cpu") -> list[Contender]:
+def build_compiled(ours: Contender, device: str) -> Contender:
+    """Our model, a copy of the same weights, through the trainer's own compile_step and loss."""
+    model = copy.deepcopy(ours.model)
+    step_forward = compile_step(model, torch.device(device), World())
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return lm_loss(step_forward(x), y, model.pad_idx)
+
+    return Contender(OURS_COMPILED, model, make_optimizer(model, TrainConfig()), loss, ours.attention)
+
+
+def build_contenders(size: Size, device: str = "cpu", compiled: bool = True) -> list[Contender]:
     torch.manual_seed(0)
     ours = build_ours(size, device)
-    contenders = [ours]
+    contenders = [ours, build_compiled(ours, device)] if compiled else [ours]
     for kind, name in (("openai", "transformers OpenAIGPTLMHeadModel"), ("gpt2", "transformers GPT2LMHeadModel")):
         model, attention = build_hf_model(kind, size)
         model.to(device)
@@ -213,8 +232,10 @@ def round_robin(contenders: list[Contender], rounds: int) -> Iterator[list[Conte
 def time_precision(contenders: list[Contender], batches: list, precision: str,
                    rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
     for c in contenders:
-        for i in range(warmup):
-            train_step(c, *batches[i % len(batches)], precision)
+        for i in range(max(warmup, c.name == OURS_COMPILED)):  # the compiler's wait is never timed
+            seconds = train_step(c, *batches[i % len(batches)], precision)
+            if i == 0 and c.name == OURS_COMPILED:
+                print(f"  {precision}: {c.name}'s first warm-up step (compiling) took {seconds:.1f} s", flush=True)
     seconds: dict[str, list[float]] = {c.name: [] for c in contenders}
     for r, order in enumerate(round_robin(contenders, rounds)):
         for c in order:
@@ -225,8 +246,9 @@ def time_precision(contenders: list[Contender], batches: list, precision: str,
 
 @torch.no_grad()
 def initial_losses(contenders: list[Contender], x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Loss of the freshly initialised models: all should be close to ln(vocab)."""
-    return {c.name: float(c.loss_fn(x, y)) for c in contenders}
+    """Loss of the freshly initialised models: all should be close to ln(vocab). The compiled copy of ours is
+    left out: under no_grad it would compile a second graph for nothing."""
+    return {c.name: float(c.loss_fn(x, y)) for c in contenders if c.name != OURS_COMPILED}
 
 
 # ---------------------------------------------------------------- machine
@@ -299,8 +321,8 @@ def size_lines(size_name: str, size: Size, contenders: list[Contender], losses: 
     lines = [f"size {size_name}: {size.layers} layers, {size.heads} heads, {size.width} wide, block {size.block}, "
              f"batch {size.batch}, vocab {size.vocab}; {flops_per_token / 1e6:.2f} MFLOP per token (training)"]
     for c in contenders:
-        lines.append(f"  {c.name}: attention {c.attention}; initial loss {losses[c.name]:.3f} "
-                     f"(ln vocab = {math.log(size.vocab):.3f})")
+        loss = f"initial loss {losses[c.name]:.3f}" if c.name in losses else "ours' initial weights, compiled"
+        lines.append(f"  {c.name}: attention {c.attention}; {loss} (ln vocab = {math.log(size.vocab):.3f})")
     return lines
 
 
@@ -320,11 +342,16 @@ def summary(rows: list[Row]) -> list[str]:
     for key in dict.fromkeys((r.size, r.precision) for r in rows):
         group = [r for r in rows if (r.size, r.precision) == key]
         ours = next(r for r in group if r.model == OURS)
-        best = max((r for r in group if r.model != OURS), key=lambda r: r.tokens_per_s)
+        best = max((r for r in group if r.model not in (OURS, OURS_COMPILED)), key=lambda r: r.tokens_per_s)
         lines.append(f"{key[0]} {key[1]}: ours {ours.tokens_per_s:,.0f} tok/s = {best.ratio:.2f}x the faster "
                      f"transformers class ({best.model}, {best.tokens_per_s:,.0f} tok/s)")
+        compiled = next((r for r in group if r.model == OURS_COMPILED), None)
+        if compiled:
+            lines.append(f"{key[0]} {key[1]}: ours compiled {compiled.tokens_per_s:,.0f} tok/s = "
+                         f"{compiled.tokens_per_s / best.tokens_per_s:.2f}x the faster transformers class")
         if key[1] == "bf16":  # the trainer's default on bf16 hardware, against the peers' plain fp32
-            fp32 = [r for r in rows if (r.size, r.precision) == (key[0], "fp32") and r.model != OURS]
+            fp32 = [r for r in rows if (r.size, r.precision) == (key[0], "fp32")
+                    and r.model not in (OURS, OURS_COMPILED)]
             if fp32:
                 peer = max(fp32, key=lambda r: r.tokens_per_s)
                 lines.append(f"{key[0]} ours bf16 / the faster transformers class in fp32 ({peer.model}): "
@@ -355,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flops-per-cycle", type=int, default=None,
                         help="per core, for the peak (default: from the CPU's flags; AVX2 fp32: 32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time ours through torch.compile, as gpt train --compile runs it (default: yes)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     for name in ("rounds", "steps_per_round"):
@@ -371,7 +400,7 @@ def bench_size(size_name: str, args: argparse.Namespace, peak: float | None) -> 
     size = SIZES[size_name]
     rounds, steps = args.rounds or size.rounds, args.steps_per_round or size.steps
     warmup = size.warmup if args.warmup is None else args.warmup
-    contenders = build_contenders(size, args.device)
+    contenders = build_contenders(size, args.device, args.compile)
     batches = make_batches(size, count=max(4, warmup), device=args.device)
     flops_per_token = contenders[0].model.flops_per_token()
     lines = size_lines(size_name, size, contenders, initial_losses(contenders, *batches[0]), flops_per_token)
