@@ -217,6 +217,8 @@ def test_a_timed_run_reserves_the_memorys_time_before_its_first_validation(alice
     assert sum("val_loss" in row for row in rows) == 1  # only the final validation
     assert 0 < rows[-1]["memory_seconds_reserved"] <= 0.25 * 3.0
     assert rows[-2]["elapsed"] < 3.0  # training stopped early, though no validation had timed the memory
+    # the run's end is logged: the training time, then the last validation, checkpoint and the memory
+    assert rows[-1]["run_seconds"] >= rows[-2]["elapsed"] + rows[-1]["memory_seconds"]
 
 
 def test_a_memory_of_other_weights_is_not_used(memory_run, tmp_path):

@@ -145,10 +145,11 @@ def validation_score(model: GPT, splits: TokenSplits, eot: int, stride: int | No
 
 def remember_training_text(
     out: Path, model_config: ModelConfig, splits: TokenSplits, eot: int, stride: int | None, device: torch.device,
-    low_precision: torch.dtype | None, metrics: MetricsLog, say, step: int, reserved: float,
+    low_precision: torch.dtype | None, metrics: MetricsLog, say, step: int, reserved: float, run_seconds: float,
 ) -> None:
     """Build the memory (gpt.memory) of the saved weights over the plain training tokens, save it, and log
-    the validation score with and without it, and its time against the `reserved` estimate."""
+    the validation score with and without it, its time against the `reserved` estimate, and the run's time at
+    its end (`run_seconds` before this): what --max-time bounds."""
     started = time.perf_counter()
     model = GPT(config=model_config).to(device)
     load_weights(model, out / WEIGHTS_FILE)
@@ -158,7 +159,7 @@ def remember_training_text(
     mixed = validation_score(model, splits, eot, stride, low_precision)
     seconds = time.perf_counter() - started
     metrics.write({"step": step, "memory_positions": len(model.memory), "memory_seconds": round(seconds, 3),
-                   "memory_seconds_reserved": round(reserved, 3),
+                   "memory_seconds_reserved": round(reserved, 3), "run_seconds": round(run_seconds + seconds, 3),
                    "val_bits_per_char_network": round(alone.bits_per_char, 6),
                    "val_bits_per_char_with_memory": round(mixed.bits_per_char, 6)})
     say(f"memory of the training text: {len(model.memory):,} positions in {seconds:.0f}s | val bits/char "
@@ -175,12 +176,14 @@ def validates_with_memory(splits: TokenSplits, model_config: ModelConfig, train_
 
 
 def score_with_memory(model: GPT, splits: TokenSplits, eot: int, stride: int | None,
-                      low_precision: torch.dtype | None) -> Score:
-    """Validation with a memory of the model's current weights, as a run stopped here would score. Its keys
-    come from windows that do not overlap: half the work of the saved memory's (0.001 bits/char apart on
-    Alice, docs/training.md)."""
+                      low_precision: torch.dtype | None) -> tuple[Score, float, float]:
+    """Validation with a memory of the model's current weights, as a run stopped here would score, and the
+    seconds its keys and its scoring took (they time the memory built at the end). Its keys come from windows
+    that do not overlap: half the work of the saved memory's (0.001 bits/char apart on Alice, docs/training.md)."""
+    started = time.perf_counter()
     model.memory = build_memory(model, splits.plain_train, eot, model.config.sequence_len, low_precision)
+    built = time.perf_counter()
     try:
-        return validation_score(model, splits, eot, stride, low_precision)
+        return validation_score(model, splits, eot, stride, low_precision), built - started, time.perf_counter() - built
     finally:
         model.memory = None

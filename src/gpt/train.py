@@ -225,13 +225,17 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     # under FSDP rank 0 cannot run its sharded model alone; the memory at the end loads the saved weights
     mid_run_memory = remembering and not world.fsdp and validates_with_memory(splits, model_config, train_config,
                                                                               global_batch)
-    reserve, reserve_measured = 0.0, False  # seconds kept for the memory; whether a validation has timed it
+    reserve, reserve_measured, save_seconds = 0.0, False, 0.0  # whether a validation has timed the reserve
 
-    def memory_reserve(seconds_per_token: float) -> float:
-        """The memory's time at this forward speed: every plain training token read twice (windows overlap by
-        half), then validation scored with it and without it (about four passes of its windows)."""
-        work = 2 * len(splits.plain_train) + 8 * len(splits.val)
-        return min(0.25 * train_config.max_time, work * seconds_per_token)
+    def end_reserve(per_token: float, keys: float | None = None, scoring: float | None = None) -> float:
+        """Seconds of max_time kept for what follows the last step: its validation and checkpoint, then the
+        memory: the network scored alone, keys from every plain training token read twice (windows overlap by
+        half), validation scored with them. A validation with a memory times its keys (read once) and scoring;
+        before one has, they are estimated from the forward speed."""
+        network = 2 * len(splits.val) * per_token  # validation reads its windows about twice
+        keys = len(splits.plain_train) * per_token if keys is None else keys
+        scoring = 3 * network if scoring is None else scoring
+        return min(0.25 * train_config.max_time, 2 * network + save_seconds + 2 * keys + scoring)
 
     def progress() -> float:
         return run_progress(step, elapsed, train_config, reserve)
@@ -252,21 +256,22 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                 nats, count = total_nats(model, splits.val, eot, train_config.eval_stride,
                                          autocast_dtype=low_precision)
                 network_seconds = time.perf_counter() - started_at
-                mixed = score_with_memory(model, splits, eot, train_config.eval_stride, low_precision) \
-                    if with_memory else None
+                mixed, keys, scoring = score_with_memory(model, splits, eot, train_config.eval_stride,
+                                                         low_precision) if with_memory else (None, None, None)
         except Exception as err:
             if world.is_main:
                 print(f"warning: validation failed at step {step} ({first_line(err)}); training goes on and the "
                       "checkpoint is still saved", file=sys.stderr)
             return None, None, False
-        if remembering and train_config.max_time:  # validation reads its windows once: 2 x its tokens
-            reserve = memory_reserve(network_seconds / (2 * len(splits.val)))
+        if remembering and train_config.max_time:
+            reserve = end_reserve(network_seconds / (2 * len(splits.val)), keys, scoring)
             reserve_measured = True
         score = score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if world.is_main else None
         return score, mixed, True
 
     def checkpoint(val_loss: float | None, validation_failed: bool) -> None:
-        nonlocal best_val
+        nonlocal best_val, save_seconds
+        started_at = time.perf_counter()
         broken = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
         if distributed.agree([float(broken)], world)[0]:
             raise UsageError(diverged(f"the weights became NaN or infinite at step {step}", out))
@@ -295,6 +300,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         failure = distributed.share(failure, world)
         if failure:
             raise UsageError(failure)
+        save_seconds = time.perf_counter() - started_at
 
     sampler = WindowSampler(splits.train, model_config.sequence_len, global_batch, train_config.seed)
     tokens_per_step = global_batch * model_config.sequence_len
@@ -345,7 +351,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
             if not math.isfinite(train_loss):
                 raise UsageError(diverged(f"the training loss became {train_loss} at step {step}", out))
             if remembering and train_config.max_time and not reserve_measured:  # a step: ~3 forward passes
-                reserve = memory_reserve(1 / (3 * speed))
+                reserve = end_reserve(1 / (3 * speed))
             score, mixed, validated = validate(mid_run_memory and not (finished or stopping)) \
                 if evaluating and (world.is_main or world.fsdp) else (None, None, True)
             if logging:
@@ -369,7 +375,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
             window_start, window_steps = time.perf_counter(), 0
         if remembering and not stopping and (out / WEIGHTS_FILE).exists():
             remember_training_text(out, model_config, splits, eot, train_config.eval_stride, device, low_precision,
-                                   metrics, say, step, reserve)
+                                   metrics, say, step, reserve, time.perf_counter() - started)
     if world.is_main:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     interrupted_by = (stop.received or "SIGTERM") if stopping else None
