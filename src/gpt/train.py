@@ -226,6 +226,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     mid_run_memory = remembering and not world.fsdp and validates_with_memory(splits, model_config, train_config,
                                                                               global_batch)
     reserve, reserve_measured, save_seconds = 0.0, False, 0.0  # whether a validation has timed the reserve
+    memory_check = 0.0  # seconds a mid-run validation's memory takes (keys and scoring)
 
     def end_reserve(per_token: float, keys: float | None = None, scoring: float | None = None) -> float:
         """Seconds of max_time kept for what follows the last step: its validation and checkpoint, then the
@@ -249,7 +250,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     def validate(with_memory: bool) -> tuple[Score | None, Score | None, bool]:
         """(score on rank 0, the score with a memory of these weights or None, whether it worked): a failed
         validation (out of memory, say) never costs the run."""
-        nonlocal reserve, reserve_measured
+        nonlocal reserve, reserve_measured, memory_check
         started_at = time.perf_counter()
         try:
             with average.swapped_in() if average else contextlib.nullcontext():
@@ -266,6 +267,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         if remembering and train_config.max_time:
             reserve = end_reserve(network_seconds / (2 * len(splits.val)), keys, scoring)
             reserve_measured = True
+        memory_check = keys + scoring if with_memory else memory_check
         score = score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if world.is_main else None
         return score, mixed, True
 
@@ -352,7 +354,11 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                 raise UsageError(diverged(f"the training loss became {train_loss} at step {step}", out))
             if remembering and train_config.max_time and not reserve_measured:  # a step: ~3 forward passes
                 reserve = end_reserve(1 / (3 * speed))
-            score, mixed, validated = validate(mid_run_memory and not (finished or stopping)) \
+                memory_check = (len(splits.plain_train) + 6 * len(splits.val)) / (3 * speed)
+            # a memory that would run into the time kept for the end is left out of this validation
+            with_memory = mid_run_memory and not (finished or stopping) and not (
+                train_config.max_time and run_progress(step, elapsed + memory_check, train_config, reserve) >= 1)
+            score, mixed, validated = validate(with_memory) \
                 if evaluating and (world.is_main or world.fsdp) else (None, None, True)
             if logging:
                 row = {"step": step, "train_loss": round(train_loss, 6), "lr": lr,
