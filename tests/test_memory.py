@@ -15,7 +15,7 @@ from gpt.evaluate import total_nats
 from gpt.logs import read_metrics
 from gpt.memory import MEMORY_MAX_BYTES, Memory, build_memory, fits
 from gpt.model import GPT
-from gpt.runfolder import validates_with_memory
+from gpt.runfolder import EndCosts, validates_with_memory
 from gpt.tokenizer import EOT, special_id
 from gpt.train import run_progress, train
 
@@ -278,3 +278,16 @@ def test_the_command_line_scores_and_samples_with_and_without_the_memory(memory_
     assert scored["with"]["memory_positions"] == row["memory_positions"] and scored["without"]["memory_positions"] == 0
     assert "with the memory of the training text" in runs["text"].stdout
     assert runs["generate"].stdout.startswith("Alice")
+
+
+def test_the_time_kept_for_a_timed_runs_end_keeps_what_validations_timed():
+    costs = EndCosts(val_tokens=1_000, train_tokens=10_000)
+    costs.estimate(0.001)  # from the training speed: no validation yet
+    assert (costs.network, costs.keys, costs.scoring) == pytest.approx((2.0, 10.0, 6.0))
+    assert costs.reserve(max_time=600) == pytest.approx(2 * 2.0 + 2 * 10.0 + 6.0)
+    costs.time_memory(keys=4.0, scoring=3.0)  # a validation with a memory timed its parts
+    costs.save = 1.5  # and a checkpoint its save
+    costs.estimate(0.002)  # a later validation without a memory: only the network's time changes
+    assert (costs.network, costs.keys, costs.scoring) == pytest.approx((4.0, 4.0, 3.0))
+    assert costs.reserve(max_time=600) == pytest.approx(2 * 4.0 + 1.5 + 2 * 4.0 + 3.0)
+    assert costs.reserve(max_time=40) == pytest.approx(10.0)  # never more than a quarter of the budget

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,34 @@ def remember_training_text(
                    "val_bits_per_char_with_memory": round(mixed.bits_per_char, 6)})
     say(f"memory of the training text: {len(model.memory):,} positions in {seconds:.0f}s | val bits/char "
         f"{mixed.bits_per_char:.4f} with it, {alone.bits_per_char:.4f} for the network alone", file=sys.stderr)
+
+
+@dataclass
+class EndCosts:
+    """Seconds what follows a timed run's last step takes: its validation and checkpoint, then the memory (the
+    network scored alone, keys from every plain training token read twice, windows overlapping by half, and
+    validation scored with them). Validations and checkpoints time the parts; until they have, the forward
+    speed estimates them. max_time keeps `reserve` seconds for them."""
+
+    val_tokens: int
+    train_tokens: int
+    network: float = 0.0  # one validation
+    keys: float = 0.0  # a memory's keys from windows that do not overlap: every training token read once
+    scoring: float = 0.0  # validation scored with a memory
+    save: float = 0.0  # one checkpoint
+    memory_timed: bool = False
+
+    def estimate(self, per_token: float) -> None:
+        """Validation reads its windows about twice; scoring with a memory is about three validations' work."""
+        self.network = 2 * self.val_tokens * per_token
+        if not self.memory_timed:
+            self.keys, self.scoring = self.train_tokens * per_token, 3 * self.network
+
+    def time_memory(self, keys: float, scoring: float) -> None:
+        self.keys, self.scoring, self.memory_timed = keys, scoring, True
+
+    def reserve(self, max_time: float) -> float:
+        return min(0.25 * max_time, 2 * self.network + self.save + 2 * self.keys + self.scoring)
 
 
 def validates_with_memory(splits: TokenSplits, model_config: ModelConfig, train_config: TrainConfig,

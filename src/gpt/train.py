@@ -39,6 +39,7 @@ from gpt.logs import MetricsLog, Progress, plot_losses
 from gpt.memory import fits
 from gpt.model import GPT, lm_loss
 from gpt.runfolder import (
+    EndCosts,
     load_initial,
     prepare_data,
     prepare_output,
@@ -225,18 +226,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     # under FSDP rank 0 cannot run its sharded model alone; the memory at the end loads the saved weights
     mid_run_memory = remembering and not world.fsdp and validates_with_memory(splits, model_config, train_config,
                                                                               global_batch)
-    reserve, reserve_measured, save_seconds = 0.0, False, 0.0  # whether a validation has timed the reserve
-    memory_check = 0.0  # seconds a mid-run validation's memory takes (keys and scoring)
-
-    def end_reserve(per_token: float, keys: float | None = None, scoring: float | None = None) -> float:
-        """Seconds of max_time kept for what follows the last step: its validation and checkpoint, then the
-        memory: the network scored alone, keys from every plain training token read twice (windows overlap by
-        half), validation scored with them. A validation with a memory times its keys (read once) and scoring;
-        before one has, they are estimated from the forward speed."""
-        network = 2 * len(splits.val) * per_token  # validation reads its windows about twice
-        keys = len(splits.plain_train) * per_token if keys is None else keys
-        scoring = 3 * network if scoring is None else scoring
-        return min(0.25 * train_config.max_time, 2 * network + save_seconds + 2 * keys + scoring)
+    reserve, reserve_timed = 0.0, False  # seconds of max_time kept for the end; whether a validation timed it
+    costs = EndCosts(len(splits.val), len(splits.plain_train))
 
     def progress() -> float:
         return run_progress(step, elapsed, train_config, reserve)
@@ -250,7 +241,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     def validate(with_memory: bool) -> tuple[Score | None, Score | None, bool]:
         """(score on rank 0, the score with a memory of these weights or None, whether it worked): a failed
         validation (out of memory, say) never costs the run."""
-        nonlocal reserve, reserve_measured, memory_check
+        nonlocal reserve, reserve_timed
         started_at = time.perf_counter()
         try:
             with average.swapped_in() if average else contextlib.nullcontext():
@@ -265,14 +256,15 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                       "checkpoint is still saved", file=sys.stderr)
             return None, None, False
         if remembering and train_config.max_time:
-            reserve = end_reserve(network_seconds / (2 * len(splits.val)), keys, scoring)
-            reserve_measured = True
-        memory_check = keys + scoring if with_memory else memory_check
+            costs.estimate(network_seconds / (2 * len(splits.val)))
+            if with_memory:
+                costs.time_memory(keys, scoring)
+            reserve, reserve_timed = costs.reserve(train_config.max_time), True
         score = score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if world.is_main else None
         return score, mixed, True
 
     def checkpoint(val_loss: float | None, validation_failed: bool) -> None:
-        nonlocal best_val, save_seconds
+        nonlocal best_val, reserve
         started_at = time.perf_counter()
         broken = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
         if distributed.agree([float(broken)], world)[0]:
@@ -302,7 +294,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         failure = distributed.share(failure, world)
         if failure:
             raise UsageError(failure)
-        save_seconds = time.perf_counter() - started_at
+        costs.save = time.perf_counter() - started_at
+        reserve = costs.reserve(train_config.max_time) if remembering and train_config.max_time else reserve
 
     sampler = WindowSampler(splits.train, model_config.sequence_len, global_batch, train_config.seed)
     tokens_per_step = global_batch * model_config.sequence_len
@@ -352,12 +345,12 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
             speed = window_steps * tokens_per_step / max(time.perf_counter() - window_start, 1e-9)  # since last row
             if not math.isfinite(train_loss):
                 raise UsageError(diverged(f"the training loss became {train_loss} at step {step}", out))
-            if remembering and train_config.max_time and not reserve_measured:  # a step: ~3 forward passes
-                reserve = end_reserve(1 / (3 * speed))
-                memory_check = (len(splits.plain_train) + 6 * len(splits.val)) / (3 * speed)
+            if remembering and train_config.max_time and not reserve_timed:  # a step: ~3 forward passes
+                costs.estimate(1 / (3 * speed))
+                reserve = costs.reserve(train_config.max_time)
             # a memory that would run into the time kept for the end is left out of this validation
-            with_memory = mid_run_memory and not (finished or stopping) and not (
-                train_config.max_time and run_progress(step, elapsed + memory_check, train_config, reserve) >= 1)
+            with_memory = mid_run_memory and not (finished or stopping) and not (train_config.max_time and run_progress(
+                step, elapsed + costs.keys + costs.scoring, train_config, reserve) >= 1)
             score, mixed, validated = validate(with_memory) \
                 if evaluating and (world.is_main or world.fsdp) else (None, None, True)
             if logging:
