@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -25,19 +27,41 @@ eval_interval = 20
 """
 
 
-def torchrun(*args: str, **popen) -> subprocess.Popen:
+UPSTREAM_ABORT = "terminate called without an active exception"
+
+
+def torchrun(*args: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "gpt", "train", *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ,
-                            start_new_session=True, **popen)
+                            start_new_session=True)
 
 
-def finished(process: subprocess.Popen) -> str:
-    try:
-        _, err = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:  # a hung run (a collective only some ranks reached) must not outlive the test
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
+def finished(*args: str) -> str:
+    """torchrun `gpt train *args` to a clean exit; its stderr.
+
+    A worker that aborts inside torch's C++ with UPSTREAM_ABORT (SIGABRT, no Python traceback) is run once more
+    from the folder as it was: CI saw it once, in an FSDP run right after step 1, and 65 runs here did not
+    repeat it. Any other failure, or a second abort, fails the test.
+    """
+    out = Path(args[args.index("--out") + 1])
+    before = out.with_name(out.name + ".before")
+    if out.exists():
+        shutil.copytree(out, before)
+    for attempt in (1, 2):
+        process = torchrun(*args)
+        try:
+            _, err = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:  # a hung run (a collective only some ranks reached) must not outlive it
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+        if process.returncode == 0 or attempt == 2 or UPSTREAM_ABORT not in err:
+            break
+        warnings.warn(f"a torchrun worker aborted in torch's C++ ({UPSTREAM_ABORT}); running it again",
+                      stacklevel=2)
+        shutil.rmtree(out, ignore_errors=True)
+        if before.exists():
+            shutil.copytree(before, out)
     assert process.returncode == 0, err[-3000:]
     return err
 
@@ -60,7 +84,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     (root / "run.toml").write_text(CONFIG)
     common = ["--preset", "tiny", "--config", str(root / "run.toml"), "--max-steps", str(STEPS)]
-    err = finished(torchrun(*common, "--out", str(root / "two")))
+    err = finished(*common, "--out", str(root / "two"))
     assert "global batch 16 windows = 8 per micro-step x 1 micro-steps x 2 processes" in err
     assert main(["train", *common, "--grad-accum", "2", "--out", str(root / "one"),
                  "--quiet"]) == 0
@@ -75,7 +99,7 @@ def test_two_processes_equal_one_process_with_accumulation(runs):
 
 def test_fsdp_trains_the_same_and_saves_a_full_checkpoint(runs):
     root, common = runs
-    finished(torchrun(*common, "--fsdp", "--out", str(root / "fsdp")))
+    finished(*common, "--fsdp", "--out", str(root / "fsdp"))
     assert_same_losses(losses(root / "fsdp"), losses(root / "one"), 1e-4)
     load_checkpoint(root / "fsdp")  # unsharded weights that one process loads
 
@@ -93,7 +117,7 @@ def test_interrupted_run_resumes_exactly_on_two_or_one_processes(runs):
     assert "checkpoint saved" in err and 0 < stopped_at < STEPS
     shutil.copytree(out, root / "stopped_copy")
 
-    finished(torchrun("--resume", "--out", str(out)))
+    finished("--resume", "--out", str(out))
     assert_same_losses(losses(out), losses(root / "two"), 1e-6, after=stopped_at)
 
     assert main(["train", "--resume", "--grad-accum", "2", "--out", str(root / "stopped_copy"), "--quiet"]) == 0
@@ -108,8 +132,8 @@ def test_validations_with_a_memory_under_torchrun(tmp_path, alice_text, fsdp):
     (tmp_path / "run.toml").write_text("[model]\nmemory_weight = 0.5\nmemory_ngram_weight = 0.2\n[train]\n"
                                        "eval_interval = 20\n")
     out = tmp_path / "run"
-    finished(torchrun("--preset", "tiny", "--config", str(tmp_path / "run.toml"), "--data", str(tmp_path / "start.txt"),
-                      "--max-steps", "40", *(["--fsdp"] if fsdp else []), "--out", str(out)))
+    finished("--preset", "tiny", "--config", str(tmp_path / "run.toml"), "--data", str(tmp_path / "start.txt"),
+             "--max-steps", "40", *(["--fsdp"] if fsdp else []), "--out", str(out))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     middle = next(row for row in rows if row["step"] == 20 and "val_loss" in row)
     assert ("val_bits_per_char_with_memory" in middle) is not fsdp
