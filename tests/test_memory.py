@@ -290,4 +290,5 @@ def test_the_time_kept_for_a_timed_runs_end_keeps_what_validations_timed():
     costs.estimate(0.002)  # a later validation without a memory: only the network's time changes
     assert (costs.network, costs.keys, costs.scoring) == pytest.approx((4.0, 4.0, 3.0))
     assert costs.reserve(max_time=600) == pytest.approx(2 * 4.0 + 1.5 + 2 * 4.0 + 3.0)
+    assert costs.validation_with_memory() == pytest.approx(4.0 + 4.0 + 3.0 + 1.5)
     assert costs.reserve(max_time=40) == pytest.approx(10.0)  # never more than a quarter of the budget

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+import gpt.train
 from gpt.checkpoint import load_checkpoint, load_training_state
 from gpt.config import TrainConfig, UsageError, preset
 from gpt.hardware import autocast_dtype, compiles, cpu_flags, native_bf16, read_cpuinfo
@@ -148,3 +149,23 @@ def test_text_shorter_than_a_window(tmp_path):
     model_config, train_config = tiny_configs(5)
     with pytest.raises(UsageError, match="fewer than one window"):
         train(model_config, train_config, tmp_path / "run", data=str(short), show_progress=False)
+
+
+def test_a_timed_run_ends_with_the_validation_that_runs_past_its_time(tmp_path, monkeypatch):
+    """That validation and its checkpoint are the run's last: no step after it, and no second validation."""
+    real, calls = gpt.train.total_nats, []
+
+    def second_one_is_slow(*args, **kwargs):
+        calls.append(len(calls) + 1)
+        if len(calls) == 2:
+            time.sleep(6.0)  # crosses max_time below, whatever the machine's speed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gpt.train, "total_nats", second_one_is_slow)
+    model_config, train_config = tiny_configs(0)
+    train_config.max_steps, train_config.max_time = None, 4.0
+    train_config.eval_interval = train_config.log_interval = 1
+    train(model_config, train_config, tmp_path / "run", show_progress=False)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all("val_loss" in r for r in rows)
+    assert calls == [1, 2] and load_training_state(tmp_path / "run")["step"] == 2

@@ -194,6 +194,10 @@ class EndCosts:
     def reserve(self, max_time: float) -> float:
         return min(0.25 * max_time, 2 * self.network + self.save + 2 * self.keys + self.scoring)
 
+    def validation_with_memory(self) -> float:
+        """A mid-run validation that also scores with a memory, and the checkpoint after it."""
+        return self.network + self.keys + self.scoring + self.save
+
 
 def validates_with_memory(splits: TokenSplits, model_config: ModelConfig, train_config: TrainConfig,
                           global_batch: int) -> bool:

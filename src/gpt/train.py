@@ -350,7 +350,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                 reserve = costs.reserve(train_config.max_time)
             # a memory that would run into the time kept for the end is left out of this validation
             with_memory = mid_run_memory and not (finished or stopping) and not (train_config.max_time and run_progress(
-                step, elapsed + costs.keys + costs.scoring, train_config, reserve) >= 1)
+                step, elapsed + costs.validation_with_memory(), train_config, reserve) >= 1)
             score, mixed, validated = validate(with_memory) \
                 if evaluating and (world.is_main or world.fsdp) else (None, None, True)
             if logging:
@@ -371,6 +371,9 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                            **({"mfu": f"{100 * row['mfu']:.0f}%"} if peak else {}))
             if saving:
                 checkpoint(score.loss if score else None, validation_failed=not validated)
+            if evaluating and not finished and train_config.max_time:  # one that ran past the time is the last
+                elapsed, reserve = distributed.agree([time.perf_counter() - started, reserve], world)
+                finished = progress() >= 1.0
             window_start, window_steps = time.perf_counter(), 0
         if remembering and not stopping and (out / WEIGHTS_FILE).exists():
             remember_training_text(out, model_config, splits, eot, train_config.eval_stride, device, low_precision,
