@@ -23,7 +23,9 @@ measured.
 
 The models are interleaved in one process (round-robin, a few steps each, several rounds, starting with a
 different model each round) so background load hits all of them alike; warm-up steps are not timed. The
-table gives the median tokens/s over the timed steps, our speed over each model's, and the FLOP utilisation:
+table gives the median tokens/s over the timed steps, our speed over each model's (the ratio of the two medians),
+the same ratio paired by round (each round's median step of that model over ours', then the median over rounds:
+a machine whose speed drifts during the run moves it less), and the FLOP utilisation:
 `GPT.flops_per_token()` x tokens/s over an assumed fp32 peak of cores x FLOP/cycle x clock, for fp32 rows only
 (the same FLOP count is used for all three models, whose matmul shapes are identical). Threads are left at
 torch's default.
@@ -85,7 +87,7 @@ class Size:
 
 
 SIZES = {
-    "S": Size(layers=4, heads=4, width=128, block=64, batch=12, vocab=2048, rounds=5, steps=8, warmup=3),
+    "S": Size(layers=4, heads=4, width=128, block=64, batch=12, vocab=2048, rounds=20, steps=2, warmup=3),
     "M": Size(layers=6, heads=6, width=384, block=256, batch=8, vocab=4096, rounds=3, steps=3, warmup=1),
 }
 
@@ -106,9 +108,11 @@ class Row:
     model: str
     attention: str
     tokens_per_step: int
+    steps_per_round: int
     step_seconds: list[float]
     tokens_per_s: float
     ratio: float  # ours / this model (1.0 for ours)
+    paired_ratio: float  # the median over rounds of (this model's round median / ours')
     mfu: float | None
 
 
@@ -294,14 +298,21 @@ def machine_info(flops_per_cycle: int | None, device: str) -> dict:
 # ---------------------------------------------------------------- report
 
 
+def paired_ratio(ours: list[float], other: list[float], steps: int) -> float:
+    """Median over rounds of other's median step / ours' in the same round: both ran within seconds of each other."""
+    rounds = range(0, len(ours), steps)
+    return statistics.median(statistics.median(other[i:i + steps]) / statistics.median(ours[i:i + steps])
+                             for i in rounds)
+
+
 def make_rows(size_name: str, precision: str, contenders: list[Contender], seconds: dict[str, list[float]],
-              tokens: int, flops_per_token: float, peak: float | None) -> list[Row]:
+              tokens: int, flops_per_token: float, peak: float | None, steps: int) -> list[Row]:
     speed = {name: tokens / statistics.median(s) for name, s in seconds.items()}
     rows = []
     for c in contenders:
         mfu = flops_per_token * speed[c.name] / peak if peak and precision == "fp32" else None  # an fp32 peak
-        rows.append(Row(size_name, precision, c.name, c.attention, tokens, seconds[c.name], speed[c.name],
-                        speed[OURS] / speed[c.name], mfu))
+        rows.append(Row(size_name, precision, c.name, c.attention, tokens, steps, seconds[c.name], speed[c.name],
+                        speed[OURS] / speed[c.name], paired_ratio(seconds[OURS], seconds[c.name], steps), mfu))
     return rows
 
 
@@ -327,13 +338,13 @@ def size_lines(size_name: str, size: Size, contenders: list[Contender], losses: 
 
 
 def table(rows: list[Row]) -> list[str]:
-    lines = ["| size | precision | model | tokens/s (median) | step s (min-max) | ours ÷ this | MFU |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| size | precision | model | tokens/s (median) | step s (min-max) | ours ÷ this | paired | MFU |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
         span = f"{min(r.step_seconds):.3f}-{max(r.step_seconds):.3f}"
         lines.append(f"| {r.size} | {r.precision} | {r.model} | {r.tokens_per_s:,.0f} | {span} | {r.ratio:.2f} "
-                     f"| {mfu} |")
+                     f"| {r.paired_ratio:.2f} | {mfu} |")
     return lines
 
 
@@ -344,11 +355,14 @@ def summary(rows: list[Row]) -> list[str]:
         ours = next(r for r in group if r.model == OURS)
         best = max((r for r in group if r.model not in (OURS, OURS_COMPILED)), key=lambda r: r.tokens_per_s)
         lines.append(f"{key[0]} {key[1]}: ours {ours.tokens_per_s:,.0f} tok/s = {best.ratio:.2f}x the faster "
-                     f"transformers class ({best.model}, {best.tokens_per_s:,.0f} tok/s)")
+                     f"transformers class ({best.model}, {best.tokens_per_s:,.0f} tok/s); paired by round: "
+                     f"{best.paired_ratio:.2f}x")
         compiled = next((r for r in group if r.model == OURS_COMPILED), None)
         if compiled:
+            paired = paired_ratio(compiled.step_seconds, best.step_seconds, compiled.steps_per_round)
             lines.append(f"{key[0]} {key[1]}: ours compiled {compiled.tokens_per_s:,.0f} tok/s = "
-                         f"{compiled.tokens_per_s / best.tokens_per_s:.2f}x the faster transformers class")
+                         f"{compiled.tokens_per_s / best.tokens_per_s:.2f}x the faster transformers class; paired by "
+                         f"round: {paired:.2f}x")
         if key[1] == "bf16":  # the trainer's default on bf16 hardware, against the peers' plain fp32
             fp32 = [r for r in rows if (r.size, r.precision) == (key[0], "fp32")
                     and r.model not in (OURS, OURS_COMPILED)]
@@ -374,9 +388,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="S,M", type=lambda t: parse_list(t, tuple(SIZES), "--sizes"))
     parser.add_argument("--precisions", default="fp32,bf16", type=lambda t: parse_list(t, PRECISIONS, "--precisions"))
-    parser.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default: S 5, M 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default: S 20, M 3)")
     parser.add_argument("--steps-per-round", type=int, default=None, help="timed steps per model per round "
-                        "(default: S 8, M 3)")
+                        "(default: S 2, M 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per model before each precision "
                         "(default: S 3, M 1)")
     parser.add_argument("--flops-per-cycle", type=int, default=None,
@@ -409,7 +423,8 @@ def bench_size(size_name: str, args: argparse.Namespace, peak: float | None) -> 
     rows: list[Row] = []
     for precision in args.precisions:
         seconds = time_precision(contenders, batches, precision, rounds, steps, warmup)
-        rows += make_rows(size_name, precision, contenders, seconds, size.batch * size.block, flops_per_token, peak)
+        rows += make_rows(size_name, precision, contenders, seconds, size.batch * size.block, flops_per_token, peak,
+                          steps)
         print(f"  {precision} done", flush=True)
     return rows, lines
 
