@@ -287,8 +287,13 @@ def test_the_time_kept_for_a_timed_runs_end_keeps_what_validations_timed():
     assert costs.reserve(max_time=600) == pytest.approx(2 * 2.0 + 2 * 10.0 + 6.0)
     costs.time_memory(keys=4.0, scoring=3.0)  # a validation with a memory timed its parts
     costs.save = 1.5  # and a checkpoint its save
-    costs.estimate(0.002)  # a later validation without a memory: only the network's time changes
-    assert (costs.network, costs.keys, costs.scoring) == pytest.approx((4.0, 4.0, 3.0))
-    assert costs.reserve(max_time=600) == pytest.approx(2 * 4.0 + 1.5 + 2 * 4.0 + 3.0)
-    assert costs.validation_with_memory() == pytest.approx(4.0 + 4.0 + 3.0 + 1.5)
+    costs.estimate(0.0002)  # a later, faster validation without a memory: the timed parts stay
+    assert (costs.network, costs.keys, costs.scoring) == pytest.approx((0.4, 4.0, 3.0))
+    assert costs.reserve(max_time=600) == pytest.approx(2 * 0.4 + 1.5 + 2 * 4.0 + 3.0)
+    assert costs.validation_with_memory() == pytest.approx(0.4 + 4.0 + 3.0 + 1.5)
+    costs.estimate(0.001)  # the machine slowed down: its speed now is the floor
+    assert (costs.network, costs.keys, costs.scoring) == pytest.approx((2.0, 10.0, 6.0))
+    costs.time_memory(keys=12.0, scoring=7.0)  # a memory timed again replaces the old timings
+    costs.estimate(0.0002)
+    assert (costs.keys, costs.scoring) == pytest.approx((12.0, 7.0))
     assert costs.reserve(max_time=40) == pytest.approx(10.0)  # never more than a quarter of the budget

@@ -172,7 +172,9 @@ class EndCosts:
     """Seconds what follows a timed run's last step takes: its validation and checkpoint, then the memory (the
     network scored alone, keys from every plain training token read twice, windows overlapping by half, and
     validation scored with them). Validations and checkpoints time the parts; until they have, the forward
-    speed estimates them. max_time keeps `reserve` seconds for them."""
+    speed estimates them. The memory's parts are timed only at the validations that build one, so the latest
+    validation's speed, which follows this machine's speed now, keeps a floor under them. max_time keeps `reserve`
+    seconds for them."""
 
     val_tokens: int
     train_tokens: int
@@ -180,16 +182,17 @@ class EndCosts:
     keys: float = 0.0  # a memory's keys from windows that do not overlap: every training token read once
     scoring: float = 0.0  # validation scored with a memory
     save: float = 0.0  # one checkpoint
-    memory_timed: bool = False
+    timed_keys: float = 0.0  # as the last validation with a memory took them
+    timed_scoring: float = 0.0
 
     def estimate(self, per_token: float) -> None:
         """Validation reads its windows about twice; scoring with a memory is about three validations' work."""
         self.network = 2 * self.val_tokens * per_token
-        if not self.memory_timed:
-            self.keys, self.scoring = self.train_tokens * per_token, 3 * self.network
+        self.keys = max(self.timed_keys, self.train_tokens * per_token)
+        self.scoring = max(self.timed_scoring, 3 * self.network)
 
     def time_memory(self, keys: float, scoring: float) -> None:
-        self.keys, self.scoring, self.memory_timed = keys, scoring, True
+        self.keys, self.scoring = self.timed_keys, self.timed_scoring = keys, scoring
 
     def reserve(self, max_time: float) -> float:
         return min(0.25 * max_time, 2 * self.network + self.save + 2 * self.keys + self.scoring)
