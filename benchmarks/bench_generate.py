@@ -5,7 +5,8 @@
 
 Both models are built from configs with random weights (no downloads): M = 6 layers, 6 heads, 384 wide,
 context 512, vocabulary 4096, 4x MLP, layer-norm epsilon 1e-5, no dropout, eval mode, fp32. Ours uses the
-pre-LN block (arch "gpt2"), the same computation as GPT2LMHeadModel. Each run decodes greedily from a random
+pre-LN block (arch "gpt2") and our default exact GELU, the same computation as GPT2LMHeadModel with
+`activation_function="gelu"`. Each run decodes greedily from a random
 16-token prompt for 256 new tokens, end-of-text disabled on both sides, so both do the same work:
 
     ours, KV cache      model.generate(prompt, 256, temperature=0)
@@ -46,7 +47,7 @@ def build_models() -> tuple[GPT, GPT2LMHeadModel]:
                                   num_heads=HEADS, forward_expansion=4, dropout=0.0, arch="gpt2")).eval()
     config = GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-                        bos_token_id=0, eos_token_id=None, pad_token_id=0)
+                        activation_function="gelu", bos_token_id=0, eos_token_id=None, pad_token_id=0)
     theirs = GPT2LMHeadModel(config).eval()
     theirs.generation_config.eos_token_id = None
     return ours, theirs

@@ -5,7 +5,8 @@
                                      [--warmup W] [--no-compile] [--json OUT.json]
 
 What it measures: for each size and precision, full training steps of three models built from configs (no
-downloads): our `gpt.model.GPT` (arch "gpt1"), `OpenAIGPTLMHeadModel` and `GPT2LMHeadModel`, all with the
+downloads): our `gpt.model.GPT` (arch "gpt1", the default exact GELU), `OpenAIGPTLMHeadModel` and
+`GPT2LMHeadModel` (each with its tanh GELU, the only one OpenAIGPTLMHeadModel has), all with the
 same vocabulary, context, layers, heads, width, 4x MLP, no dropout and layer-norm epsilon 1e-5. One step is:
 forward on T tokens, cross-entropy on T next-token targets (logits cast to fp32), backward, gradient clipping
 at 1.0, AdamW step, zero_grad. Ours uses `model.loss` and `gpt.train.make_optimizer`; the transformers models

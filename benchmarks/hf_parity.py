@@ -5,9 +5,10 @@
 
 Exports the checkpoint to a temporary folder, loads it with AutoModelForCausalLM (fp32, CPU) and prints:
 the max abs logits difference on random token windows and on full windows of the validation text; the same
-difference with transformers' activation swapped for the exact (erf) GELU, a mapping error the check must
-catch; and whether greedy generation from <|endoftext|> + prompt gives the same tokens in both (our
-`GPT.generate(temperature=0)` against `generate(do_sample=False)`, prompt + new tokens within the context).
+difference with transformers' activation swapped for the other GELU (exact for tanh, tanh for exact), a
+mapping error the check must catch; and whether greedy generation from <|endoftext|> + prompt gives the
+same tokens in both (our `GPT.generate(temperature=0)` against `generate(do_sample=False)`, prompt + new
+tokens within the context).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=50)
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint.model.memory = None  # the export is the network alone; generate would mix the memory in
     config, tokenizer = checkpoint.model_config, checkpoint.tokenizer
     window, eot = config.sequence_len, tokenizer.token_to_id(EOT)
     val = split_documents(load_documents(checkpoint.info.get("data", "alice")), checkpoint.train_config.val_fraction)[1]
@@ -47,8 +49,9 @@ def main() -> None:
     random = torch.randint(0, config.vocab_size, (16, window), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as folder:
         model = transformers.AutoModelForCausalLM.from_pretrained(export_checkpoint(args.checkpoint, folder)).eval()
-        report = {"arch": config.arch, "class": type(model).__name__, "random_tokens": max_diff(checkpoint.model,
-                  model, random), "validation_text": max_diff(checkpoint.model, model, real)}
+        report = {"arch": config.arch, "activation": config.activation, "class": type(model).__name__,
+                  "random_tokens": max_diff(checkpoint.model, model, random),
+                  "validation_text": max_diff(checkpoint.model, model, real)}
         context = torch.tensor([[eot] + encode(tokenizer, args.prompt)])
         steps = min(args.new_tokens, window - context.size(1) + 1)
         ours = checkpoint.model.generate(context, steps, temperature=0)[0, context.size(1) :].tolist()
@@ -56,9 +59,14 @@ def main() -> None:
                                 do_sample=False)[0, context.size(1) :].tolist()
         ours = ours[: ours.index(eot) + 1] if eot in ours else ours  # transformers stops after <|endoftext|>
         report.update(greedy_tokens=len(theirs), greedy_identical=ours == theirs)
-        for block in model.transformer.h:
-            block.mlp.act = nn.GELU()
-        report["exact_gelu_control"] = max(max_diff(checkpoint.model, model, t) for t in (random, real))
+        other_gelu = nn.GELU(approximate="none" if config.activation == "gelu_tanh" else "tanh")
+        if type(model).__name__ == "OPTForCausalLM":
+            for layer in model.model.decoder.layers:
+                layer.activation_fn = other_gelu
+        else:
+            for block in model.transformer.h:
+                block.mlp.act = other_gelu
+        report["other_gelu_control"] = max(max_diff(checkpoint.model, model, t) for t in (random, real))
     report["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     print(json.dumps(report, indent=2))
 

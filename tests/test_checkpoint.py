@@ -52,6 +52,17 @@ def test_save_then_load_is_bit_identical(run_copy):
         assert torch.equal(a, b), name
 
 
+def test_a_checkpoint_saved_before_the_activation_field_keeps_the_tanh_gelu(run_copy):
+    """Checkpoints written before model.activation existed were trained with the tanh GELU, then the only one."""
+    assert load_checkpoint(run_copy).model_config.activation == "gelu"
+    info = json.loads((run_copy / CONFIG_FILE).read_text())
+    del info["model"]["activation"]
+    (run_copy / CONFIG_FILE).write_text(json.dumps(info))
+    checkpoint = load_checkpoint(run_copy)
+    assert checkpoint.model_config.activation == "gelu_tanh"
+    assert checkpoint.model.blocks[0].mlp.gelu.approximate == "tanh"
+
+
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
     target = tmp_path / "file.bin"
     target.write_bytes(b"previous")

@@ -1,8 +1,10 @@
-"""transformers export and import: exact parity both ways, for both block types, checked with real models.
+"""transformers export and import: exact parity both ways, for every block type and GELU, with real models.
 
 Models come from configs (random weights) or from brief training runs; nothing is downloaded. Random
 weights are drawn with std 0.3: with the usual 0.02 the activations stay so small that exact and tanh
-GELU agree to 1e-6 and the parity check could not tell them apart (see test_negative_controls).
+GELU agree to 1e-6 and the parity check could not tell them apart (see test_negative_controls). The
+three transformers classes: gpt1 with the tanh GELU is OpenAIGPTLMHeadModel, gpt1 with the exact GELU
+(the default) OPTForCausalLM, gpt2 with either GELU GPT2LMHeadModel.
 """
 
 import json
@@ -25,13 +27,15 @@ from gpt.checkpoint import load_checkpoint  # noqa: E402
 from gpt.config import ModelConfig, UsageError, preset  # noqa: E402
 from gpt.dataset import split_documents  # noqa: E402
 from gpt.evaluate import evaluate_documents  # noqa: E402
-from gpt.hf import export_checkpoint, hf_config, import_checkpoint, to_hf_state_dict, tokenizer_files  # noqa: E402
+from gpt.hf import MODEL_TYPES, export_checkpoint, hf_config, import_checkpoint, model_type_of, tokenizer_files  # noqa: E402
+from gpt.model import GPT  # noqa: E402
 from gpt.retriever import Retriever  # noqa: E402
 from gpt.tokenizer import EOT, decode, encode, load_tokenizer  # noqa: E402
 from gpt.train import train  # noqa: E402
 
 TOLERANCE = 1e-4  # logits, max abs difference, fp32
-CLASSES = {"gpt1": "OpenAIGPTLMHeadModel", "gpt2": "GPT2LMHeadModel"}
+KINDS = {"gpt1": ("gpt1", "gelu"), "gpt1_tanh": ("gpt1", "gelu_tanh"), "gpt2": ("gpt2", "gelu"),
+         "gpt2_tanh": ("gpt2", "gelu_tanh")}  # test id -> (arch, activation)
 
 
 def gpt(*args: str) -> subprocess.CompletedProcess:
@@ -68,10 +72,15 @@ def gpt2_style_tokenizer(text: str) -> Tokenizer:
     return tokenizer
 
 
-def save_random_hf(folder: Path, arch: str, tokenizer: Tokenizer, sequence_len: int = 64, **overrides) -> Path:
+def hf_layers(model) -> nn.ModuleList:
+    return model.model.decoder.layers if type(model).__name__ == "OPTForCausalLM" else model.transformer.h
+
+
+def save_random_hf(folder: Path, kind: str, tokenizer: Tokenizer, sequence_len: int = 64, **overrides) -> Path:
     """A transformers model built from a config with random weights, saved with its tokenizer files."""
+    arch, activation = KINDS[kind]
     config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), sequence_len=sequence_len, num_layers=2,
-                         embed_dim=32, num_heads=2, dropout=0.0, arch=arch)
+                         embed_dim=32, num_heads=2, dropout=0.0, arch=arch, activation=activation)
     fields = hf_config(config, tokenizer.token_to_id(EOT), tokenizer.token_to_id("[PAD]"))
     fields.update(overrides)
     torch.manual_seed(0)
@@ -79,7 +88,8 @@ def save_random_hf(folder: Path, arch: str, tokenizer: Tokenizer, sequence_len: 
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **fields))
     with torch.no_grad():  # every weight N(0, 0.3), LayerNorm gains N(1, 0.3): nothing at its neutral value
         for name, param in model.named_parameters():
-            param.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.3)
+            gain = ("ln_" in name or "layer_norm" in name) and name.endswith("weight")
+            param.normal_(1.0 if gain else 0.0, 0.3)
     model.save_pretrained(folder)
     for name, text in tokenizer_files(tokenizer, sequence_len).items():
         (folder / name).write_text(text, encoding="utf-8")
@@ -102,14 +112,25 @@ def tiny_gpt2_run(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=["gpt1", "gpt2"])
-def trained(request, tiny_run, tiny_gpt2_run, tmp_path_factory) -> tuple[Path, Path]:
-    """(checkpoint, its export) for a briefly trained model of each block type."""
-    checkpoint = tiny_run if request.param == "gpt1" else tiny_gpt2_run
+@pytest.fixture(scope="module")
+def tiny_tanh_run(tmp_path_factory) -> Path:
+    """A tiny post-LN model with the GPT-1 code's tanh GELU, trained briefly."""
+    model_config, train_config = preset("tiny")
+    model_config.activation = "gelu_tanh"
+    train_config.max_steps, train_config.max_time = 40, None
+    out = tmp_path_factory.mktemp("runs") / "tiny_tanh"
+    train(model_config, train_config, out, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module", params=["gpt1", "gpt1_tanh", "gpt2"])
+def trained(request, tiny_run, tiny_tanh_run, tiny_gpt2_run, tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, its export) for a briefly trained model of each block type (gpt1 with either GELU)."""
+    checkpoint = {"gpt1": tiny_run, "gpt1_tanh": tiny_tanh_run, "gpt2": tiny_gpt2_run}[request.param]
     return checkpoint, export_checkpoint(checkpoint, tmp_path_factory.mktemp("hf") / request.param)
 
 
-@pytest.fixture(scope="module", params=["gpt1", "gpt2"])
+@pytest.fixture(scope="module", params=list(KINDS))
 def random_hf(request, tiny_run, tmp_path_factory) -> Path:
     tokenizer = load_tokenizer(tiny_run / "tokenizer.json")
     return save_random_hf(tmp_path_factory.mktemp("random") / request.param, request.param, tokenizer)
@@ -122,9 +143,8 @@ def test_export_writes_a_folder_transformers_loads(trained):
         assert (folder / name).is_file(), name
     ours = load_checkpoint(checkpoint)
     model = hf_model(folder)
-    assert type(model).__name__ == CLASSES[ours.model_config.arch]
-    assert model.config.n_positions == ours.model_config.sequence_len
-    assert model.config.layer_norm_epsilon == 1e-5 and model.config.tie_word_embeddings
+    assert type(model).__name__ == MODEL_TYPES[model_type_of(ours.model_config)]
+    assert model.config.max_position_embeddings == ours.model_config.sequence_len and model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     assert not any(k.startswith("lm_head") or k.endswith(".attn.bias") for k in load_file(folder / "model.safetensors"))
     card = (folder / "README.md").read_text()
@@ -149,29 +169,32 @@ def test_imported_logits_match_on_random_and_real_tokens(random_hf, tmp_path, al
         assert max_diff(ours.model, model, ids) <= TOLERANCE
 
 
-@pytest.mark.parametrize("break_it", ["exact GELU", "missing transpose", "pre/post-LN swapped", "final LN"])
+@pytest.mark.parametrize("break_it", ["the other GELU", "a square weight transposed", "pre/post-LN swapped",
+                                      "final LN"])
 def test_negative_controls(random_hf, tmp_path, break_it):
     """The parity check fails, by far, when the mapping is wrong in any of these ways."""
     ours = load_checkpoint(import_checkpoint(random_hf, tmp_path / "imported"))
     config = ours.model_config
-    model = hf_model(random_hf)
-    if break_it == "exact GELU":
-        for block in model.transformer.h:
-            block.mlp.act = nn.GELU()
-    elif break_it == "missing transpose":  # c_proj is square, so it loads either way round
-        for block in model.transformer.h:
-            block.attn.c_proj.weight.data = block.attn.c_proj.weight.data.t().contiguous()
-    elif break_it == "pre/post-LN swapped":
-        other = "gpt2" if config.arch == "gpt1" else "gpt1"
-        fields = hf_config(ModelConfig(**{**vars(config), "arch": other}), 1, 0)
-        model = transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)).eval()
-        mapped = to_hf_state_dict(ours.model.state_dict(), config)
-        model.load_state_dict({k.replace("tokens_embed", "wte").replace("positions_embed", "wpe") if other == "gpt2"
-                               else k.replace("wte", "tokens_embed").replace("wpe", "positions_embed"): v
-                               for k, v in mapped.items()}, strict=False)
-    elif config.arch == "gpt1":  # a stray final LayerNorm
-        model.transformer.h[-1].ln_2 = nn.Sequential(model.transformer.h[-1].ln_2, nn.LayerNorm(config.embed_dim))
+    model, opt = hf_model(random_hf), config.arch == "gpt1" and config.activation == "gelu"
+    layer = hf_layers(model)[-1]
+    if break_it == "the other GELU":
+        other = nn.GELU(approximate="none" if config.activation == "gelu_tanh" else "tanh")
+        for block in hf_layers(model):
+            if opt:
+                block.activation_fn = other
+            else:
+                block.mlp.act = other
+    elif break_it == "a square weight transposed":  # the attention output projection loads either way round
+        projection = layer.self_attn.out_proj if opt else layer.attn.c_proj
+        projection.weight.data = projection.weight.data.t().contiguous()
+    elif break_it == "pre/post-LN swapped":  # our model built with the other block type, the same weights
+        swapped = GPT(config=ModelConfig(**{**vars(config), "arch": "gpt2" if config.arch == "gpt1" else "gpt1"}))
+        swapped.load_state_dict(ours.model.state_dict(), strict=False)  # a final LN, if gpt2, stays as built
+        ours.model = swapped.eval()
+    elif config.arch == "gpt1" and opt:  # a stray final LayerNorm
+        model.model.decoder.final_layer_norm = nn.LayerNorm(config.embed_dim)
+    elif config.arch == "gpt1":
+        layer.ln_2 = nn.Sequential(layer.ln_2, nn.LayerNorm(config.embed_dim))
     else:  # the final LayerNorm left out
         model.transformer.ln_f = nn.Identity()
     assert max_diff(ours.model, model, random_ids(config.vocab_size, 64)) > 10 * TOLERANCE
@@ -296,16 +319,20 @@ def test_imported_gpt2_tokenizer_without_pad_works_everywhere(tmp_path, alice_te
     assert all(torch.allclose(start[k], end[k], atol=1e-6) for k in start)  # it started from the imported weights
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"activation_function": "gelu"}, "tanh GELU"),
-    ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon"),
-    ({"tie_word_embeddings": False}, "not tied"),
-    ({"scale_attn_by_inverse_layer_idx": True}, "inverse layer index"),
-    ({"embd_pdrop": 0.2}, "dropout"),
+@pytest.mark.parametrize("kind, change, words", [
+    ("gpt2", {"activation_function": "relu"}, "'relu' is not a GELU we have"),
+    ("gpt2", {"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon"),
+    ("gpt2", {"tie_word_embeddings": False}, "not tied"),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "inverse layer index"),
+    ("gpt2", {"embd_pdrop": 0.2}, "dropout"),
+    ("gpt1", {"activation_function": "relu"}, "OPTForCausalLM cannot be represented exactly: activation_function"),
+    ("gpt1", {"do_layer_norm_before": True}, "pre-LN"),
+    ("gpt1", {"word_embed_proj_dim": 16}, "projects its embeddings"),
+    ("gpt1", {"enable_bias": False}, "no biases"),
 ])
-def test_import_refuses_what_it_cannot_represent(tiny_run, tmp_path, change, words):
+def test_import_refuses_what_it_cannot_represent(tiny_run, tmp_path, kind, change, words):
     tokenizer = load_tokenizer(tiny_run / "tokenizer.json")
-    source = save_random_hf(tmp_path / "hf", "gpt2", tokenizer, **change)
+    source = save_random_hf(tmp_path / "hf", kind, tokenizer, **change)
     with pytest.raises(UsageError, match=words):
         import_checkpoint(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -324,7 +351,7 @@ def test_attention_dropout_survives_export_and_import(tiny_run, tmp_path):
 
 def test_import_refuses_a_lossy_tokenizer_and_other_models(tiny_run, tmp_path):
     tokenizer = load_tokenizer(tiny_run / "tokenizer.json")
-    source = save_random_hf(tmp_path / "hf", "gpt1", tokenizer)
+    source = save_random_hf(tmp_path / "hf", "gpt1_tanh", tokenizer)
     data = json.loads((source / "tokenizer.json").read_text())
     data["normalizer"] = {"type": "Lowercase"}
     (source / "tokenizer.json").write_text(json.dumps(data))
@@ -340,9 +367,10 @@ def test_import_refuses_a_lossy_tokenizer_and_other_models(tiny_run, tmp_path):
 
 
 def test_export_refuses_what_transformers_cannot_hold(tiny_run, tmp_path):
-    config = ModelConfig(vocab_size=320, forward_expansion=2)
+    config = ModelConfig(vocab_size=320, forward_expansion=2, activation="gelu_tanh")
     with pytest.raises(UsageError, match="always 4 x embed_dim"):
         hf_config(config, 1, 0)
+    assert hf_config(ModelConfig(vocab_size=320, forward_expansion=2), 1, 0)["ffn_dim"] == 2 * 512  # OPT holds it
     with pytest.raises(UsageError, match="not found"):
         export_checkpoint(tmp_path / "missing", tmp_path / "hf")
     result = gpt("export", "--checkpoint", str(tiny_run), "--out", str(tiny_run))

@@ -123,7 +123,29 @@ def test_block_layout(arch):
         expected = h + block.mlp(block.ln_2(h))
         assert isinstance(model.ln_f, torch.nn.LayerNorm)
     torch.testing.assert_close(block(x, None, None), expected)
-    assert block.mlp.gelu.approximate == "tanh"
+    assert block.mlp.gelu.approximate == "none"  # the exact GELU unless model.activation says "gelu_tanh"
+
+
+def test_activation_choice_reaches_forward_and_cached_decoding():
+    """gelu_tanh is the GPT-1 code's curve, within 1e-3 of the exact one; a cached decoding step uses the same."""
+    exact = tiny("gpt1")
+    with torch.no_grad():  # large weights, so the two curves give logits far apart
+        for param in exact.parameters():
+            param.normal_(0.0, 0.3)
+    approx = GPT(config=ModelConfig(**{**vars(exact.config), "activation": "gelu_tanh"})).eval()
+    approx.load_state_dict(exact.state_dict())
+    assert approx.blocks[0].mlp.gelu.approximate == "tanh"
+    x = torch.linspace(-6, 6, 1001)
+    assert 1e-4 < (exact.blocks[0].mlp.gelu(x) - approx.blocks[0].mlp.gelu(x)).abs().max() < 1e-3
+    ids = torch.randint(1, 97, (2, 6))
+    with torch.no_grad():
+        assert (exact(ids) - approx(ids)).abs().max() > 1e-4
+        for model in (exact, approx):
+            cache = KVCache(model.config, 2, "cpu", torch.float32)
+            model.hidden(ids[:, :-1], cache=cache)
+            torch.testing.assert_close(model.decode_step(ids[:, -1], cache), model(ids)[:, -1], atol=1e-5, rtol=0)
+    with pytest.raises(UsageError, match="model.activation must be one of gelu, gelu_tanh"):
+        ModelConfig(activation="relu").validate()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -129,7 +129,8 @@ def configs_from(info: dict, path: Path) -> tuple[ModelConfig, TrainConfig]:
     try:
         if not isinstance(info.get("model"), dict) or not isinstance(info.get("train"), dict):
             raise UsageError("the model or train section is missing")
-        apply_overrides(model_config, train_config, {"model": info["model"], "train": info["train"]})
+        model_section = {"activation": "gelu_tanh", **info["model"]}  # saved before the field existed: tanh
+        apply_overrides(model_config, train_config, {"model": model_section, "train": info["train"]})
         model_config.validate()
         train_config.validate()
     except UsageError as err:

@@ -30,6 +30,7 @@ def first_line(err: BaseException) -> str:
 
 
 ARCHS = ("gpt1", "gpt2")
+ACTIVATIONS = ("gelu", "gelu_tanh")  # the exact (erf) GELU; its tanh approximation, as in the GPT-1 code
 
 
 @dataclass
@@ -49,6 +50,7 @@ class ModelConfig:
     memory_temperature: float = 110.0  # the memory's softmax temperature over squared distances of hidden states
     memory_ngram_weight: float = 0.0  # share of the memory's Kneser-Ney n-gram of the training tokens (gpt.ngram)
     memory_ngram_order: int = 4  # the n-gram's longest context, in tokens, plus one
+    activation: str = "gelu"  # the MLP's GELU: "gelu" exact, "gelu_tanh" the approximation (slower on a CPU)
 
     def validate(self) -> None:
         for name in ("vocab_size", "sequence_len", "num_layers", "embed_dim", "num_heads", "forward_expansion"):
@@ -78,6 +80,8 @@ class ModelConfig:
             raise UsageError(f"model.memory_ngram_order must be a positive integer, got {self.memory_ngram_order}")
         if self.arch not in ARCHS:
             raise UsageError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.activation not in ACTIVATIONS:
+            raise UsageError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
 
 
 @dataclass

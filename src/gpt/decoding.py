@@ -77,6 +77,7 @@ class DecodePlan:
             return step_weights(layer.weight, layer.bias, rows)
 
         self.pre_ln = model.config.arch == "gpt2"
+        self.gelu = model.blocks[0].mlp.gelu.approximate  # F.gelu's argument for the model's activation
         self.heads = model.config.num_heads
         self.token_embed, self.position_embed = model.token_embed.weight, model.position_embed.weight
         self.layers = [
@@ -101,6 +102,6 @@ def layer_step(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torc
     attended = matvec(y.view(B, E), *attn_proj)  # (B, H, 1, D) -> (B, E)
     if plan.pre_ln:
         x = x + attended
-        return x + matvec(F.gelu(matvec(F.layer_norm(x, *ln_2), *fc), approximate="tanh"), *mlp_proj)
+        return x + matvec(F.gelu(matvec(F.layer_norm(x, *ln_2), *fc), approximate=plan.gelu), *mlp_proj)
     x = F.layer_norm(x + attended, *ln_1)
-    return F.layer_norm(x + matvec(F.gelu(matvec(x, *fc), approximate="tanh"), *mlp_proj), *ln_2)
+    return F.layer_norm(x + matvec(F.gelu(matvec(x, *fc), approximate=plan.gelu), *mlp_proj), *ln_2)

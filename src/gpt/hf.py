@@ -1,15 +1,17 @@
 """Checkpoints the ecosystem can use: export to and import from Hugging Face `transformers` folders.
 
-Our two block types are exactly transformers' two GPT classes, so the conversion is a renaming:
-  gpt1 (post-LN, no final LN)      <-> OpenAIGPTLMHeadModel (`afn: "gelu"` is the tanh approximation)
-  gpt2 (pre-LN, final LayerNorm)   <-> GPT2LMHeadModel (`activation_function: "gelu_new"`, tanh too)
-Both use layer-norm epsilon 1e-5, biases on every projection, an output layer tied to the token
-embedding, and no saved attention-mask buffers. transformers' projections are `Conv1D` modules whose
-weight is [in, out], the transpose of our `nn.Linear` [out, in]. A transformers folder that differs in
-anything that changes the numbers (another activation or epsilon, an untied head, cross-attention,
-scaled attention) is refused rather than converted into a different model. Dropout only matters for
-training: attn_pdrop is our model.attention_dropout, resid_pdrop = embd_pdrop our model.dropout, and our
-model.embedding_dropout has no transformers field (an export leaves it out).
+Each of our models is exactly one transformers class, so the conversion is a renaming:
+  gpt1 (post-LN, no final LN), tanh GELU  <-> OpenAIGPTLMHeadModel (`afn: "gelu"` is the tanh approximation)
+  gpt1, exact GELU                        <-> OPTForCausalLM (`do_layer_norm_before: false`, `"gelu"`)
+  gpt2 (pre-LN, final LayerNorm)          <-> GPT2LMHeadModel (`activation_function`: `"gelu_new"` or `"gelu"`)
+All use layer-norm epsilon 1e-5, biases on every projection, an output layer tied to the token
+embedding, and no saved attention-mask buffers. transformers' GPT projections are `Conv1D` modules whose
+weight is [in, out], the transpose of our `nn.Linear` [out, in]; OPT keeps [out, in] but splits our one
+query-key-value projection into three, and its position table starts two rows in. A transformers folder
+that differs in anything that changes the numbers (another activation or epsilon, an untied head,
+cross-attention, scaled attention) is refused rather than converted into a different model. Dropout only
+matters for training: attn_pdrop is our model.attention_dropout, resid_pdrop = embd_pdrop our
+model.dropout (OPT has no embedding dropout), and our model.embedding_dropout has no transformers field.
 """
 
 from __future__ import annotations
@@ -36,13 +38,20 @@ from gpt.hf_card import model_card
 from gpt.model import GPT
 from gpt.tokenizer import EOT, PAD, decode, encode
 
-HF_CLASSES = {"gpt1": ("openai-gpt", "OpenAIGPTLMHeadModel"), "gpt2": ("gpt2", "GPT2LMHeadModel")}
-ARCH_OF_TYPE = {model_type: arch for arch, (model_type, _) in HF_CLASSES.items()}
-EMBEDDINGS = {"gpt1": ("tokens_embed", "positions_embed"), "gpt2": ("wte", "wpe")}
+MODEL_TYPES = {"openai-gpt": "OpenAIGPTLMHeadModel", "opt": "OPTForCausalLM", "gpt2": "GPT2LMHeadModel"}
+EMBEDDINGS = {"openai-gpt": ("tokens_embed", "positions_embed"), "gpt2": ("wte", "wpe")}
 BLOCK_MODULES = {"ln_1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",
                  "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj", "ln_2": "ln_2"}
 CONV1D = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")  # transposed between nn.Linear and Conv1D
-TANH_GELU = {"gpt1": ("afn", ("gelu",)), "gpt2": ("activation_function", ("gelu_new", "gelu_pytorch_tanh"))}
+OPT_MODULES = {"ln_1": "self_attn_layer_norm", "attn.proj": "self_attn.out_proj", "mlp.fc": "fc1",
+               "mlp.proj": "fc2", "ln_2": "final_layer_norm"}
+OPT_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+OPT_POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding looks up position + 2
+GELU_NAMES = {  # each model type's activation key, and its names for our activations
+    "openai-gpt": ("afn", {"gelu": "gelu_tanh"}),
+    "gpt2": ("activation_function", {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}),
+    "opt": ("activation_function", {"gelu": "gelu"}),
+}
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which model.py uses
 OLD_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal masks some older GPT-2 files still carry
 LOSSLESS_PROBE = "Alice said: \"Curiouser and curiouser!\"\n\n\tcafé 你好 😀  <|endoftext|> [PAD] x\r\n"
@@ -56,18 +65,43 @@ def require_transformers():
     return transformers
 
 
-def key_map(arch: str, num_layers: int) -> dict[str, str]:
-    """Our parameter names -> transformers' (the tied lm_head is left out, as save_pretrained does)."""
-    token, position = EMBEDDINGS[arch]
+def model_type_of(config: ModelConfig) -> str:
+    if config.arch == "gpt2":
+        return "gpt2"
+    return "openai-gpt" if config.activation == "gelu_tanh" else "opt"
+
+
+def gpt_key_map(model_type: str, num_layers: int) -> dict[str, str]:
+    """Our parameter names -> a GPT class's (the tied lm_head is left out, as save_pretrained does)."""
+    token, position = EMBEDDINGS[model_type]
     names = {"token_embed.weight": f"transformer.{token}.weight",
              "position_embed.weight": f"transformer.{position}.weight"}
     for i in range(num_layers):
         for ours, theirs in BLOCK_MODULES.items():
             for kind in ("weight", "bias"):
                 names[f"blocks.{i}.{ours}.{kind}"] = f"transformer.h.{i}.{theirs}.{kind}"
-    if arch == "gpt2":
+    if model_type == "gpt2":
         names.update({"ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias"})
     return names
+
+
+def opt_key_map(num_layers: int) -> dict[str, tuple[str, ...]]:
+    """Our parameter names -> OPTForCausalLM's; the query-key-value projection maps to three."""
+    names = {"token_embed.weight": ("model.decoder.embed_tokens.weight",),
+             "position_embed.weight": ("model.decoder.embed_positions.weight",)}
+    for i in range(num_layers):
+        theirs = f"model.decoder.layers.{i}"
+        for kind in ("weight", "bias"):
+            names[f"blocks.{i}.attn.qkv.{kind}"] = tuple(f"{theirs}.{name}.{kind}" for name in OPT_QKV)
+            for ours, name in OPT_MODULES.items():
+                names[f"blocks.{i}.{ours}.{kind}"] = (f"{theirs}.{name}.{kind}",)
+    return names
+
+
+def key_map(model_type: str, num_layers: int) -> dict[str, tuple[str, ...]]:
+    if model_type == "opt":
+        return opt_key_map(num_layers)
+    return {ours: (theirs,) for ours, theirs in gpt_key_map(model_type, num_layers).items()}
 
 
 def is_conv1d_weight(our_name: str) -> bool:
@@ -75,69 +109,122 @@ def is_conv1d_weight(our_name: str) -> bool:
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    names = key_map(config.arch, config.num_layers)
+    model_type = model_type_of(config)
+    names = key_map(model_type, config.num_layers)
     if set(state) != set(names):
         raise UsageError(f"the weights do not match a {config.arch} model: {sorted(set(state) ^ set(names))[:3]}")
-    return {names[k]: (t.t() if is_conv1d_weight(k) else t).contiguous() for k, t in state.items()}
+    out = {}
+    for ours, tensor in state.items():
+        if model_type == "opt" and ours == "position_embed.weight":
+            tensor = torch.cat([tensor.new_zeros(OPT_POSITION_OFFSET, tensor.size(1)), tensor])
+        elif model_type != "opt" and is_conv1d_weight(ours):
+            tensor = tensor.t()
+        for theirs, part in zip(names[ours], tensor.chunk(len(names[ours]))):
+            out[theirs] = part.contiguous()
+    return out
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    names = key_map(config.arch, config.num_layers)
-    missing = [theirs for theirs in names.values() if theirs not in state]
+    model_type = model_type_of(config)
+    names = key_map(model_type, config.num_layers)
+    missing = [name for theirs in names.values() for name in theirs if name not in state]
     if missing:
         raise UsageError(f"the transformers weights lack {missing[0]} (and {len(missing) - 1} more); "
                          "the folder is incomplete")
-    return {ours: (state[theirs].t() if is_conv1d_weight(ours) else state[theirs]).contiguous()
-            for ours, theirs in names.items()}
+    out = {}
+    for ours, theirs in names.items():
+        tensor = torch.cat([state[name] for name in theirs])
+        if model_type == "opt" and ours == "position_embed.weight":
+            tensor = tensor[OPT_POSITION_OFFSET:]
+        elif model_type != "opt" and is_conv1d_weight(ours):
+            tensor = tensor.t()
+        out[ours] = tensor.contiguous()
+    return out
 
 
 def hf_config(config: ModelConfig, eot_id: int, pad_id: int | None) -> dict:
     """The transformers config.json for our model: only keys its config class knows."""
-    if config.arch == "gpt1" and config.forward_expansion != 4:
+    model_type = model_type_of(config)
+    if model_type == "openai-gpt" and config.forward_expansion != 4:
         raise UsageError(f"OpenAIGPTLMHeadModel's MLP is always 4 x embed_dim, but this gpt1 model uses "
                          f"forward_expansion {config.forward_expansion}; it cannot be exported exactly")
-    model_type, architecture = HF_CLASSES[config.arch]
-    activation_key, (activation, *_) = TANH_GELU[config.arch]
-    fields = {
-        "vocab_size": config.vocab_size, "n_positions": config.sequence_len, "n_embd": config.embed_dim,
-        "n_layer": config.num_layers, "n_head": config.num_heads, activation_key: activation,
-        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout if config.attention_dropout is None else config.attention_dropout,
-        "layer_norm_epsilon": LAYER_NORM_EPS, "tie_word_embeddings": True,
-        "bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": pad_id,
-    }
-    if config.arch == "gpt2":
+    activation_key, names = GELU_NAMES[model_type]
+    activation = next(name for name, ours in names.items() if ours == config.activation)
+    attention_dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
+    common = {"vocab_size": config.vocab_size, activation_key: activation, "tie_word_embeddings": True,
+              "bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": pad_id}
+    if model_type == "opt":
+        fields = {**common, "hidden_size": config.embed_dim, "num_hidden_layers": config.num_layers,
+                  "num_attention_heads": config.num_heads, "ffn_dim": config.forward_expansion * config.embed_dim,
+                  "max_position_embeddings": config.sequence_len, "word_embed_proj_dim": config.embed_dim,
+                  "do_layer_norm_before": False, "enable_bias": True, "layer_norm_elementwise_affine": True,
+                  "dropout": config.dropout, "attention_dropout": attention_dropout, "activation_dropout": 0.0,
+                  "layerdrop": 0.0}
+    else:
+        fields = {**common, "n_positions": config.sequence_len, "n_embd": config.embed_dim,
+                  "n_layer": config.num_layers, "n_head": config.num_heads, "resid_pdrop": config.dropout,
+                  "embd_pdrop": config.dropout, "attn_pdrop": attention_dropout, "layer_norm_epsilon": LAYER_NORM_EPS}
+    if model_type == "gpt2":
         fields.update(n_inner=config.forward_expansion * config.embed_dim, scale_attn_weights=True,
                       scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)
-    return {"architectures": [architecture], "model_type": model_type, **fields, "dtype": "float32"}
+    return {"architectures": [MODEL_TYPES[model_type]], "model_type": model_type, **fields, "dtype": "float32"}
+
+
+def gpt_fields(hf: dict) -> tuple[dict, dict[str, bool]]:
+    """A GPT-2 / OpenAI-GPT config as our shape fields, and what in it we cannot represent."""
+    embed = hf["n_embd"]
+    shape = {"sequence_len": hf["n_positions"], "num_layers": hf["n_layer"], "embed_dim": embed,
+             "num_heads": hf["n_head"], "hidden": hf.get("n_inner") or 4 * embed,
+             "dropout": hf.get("resid_pdrop", 0.1), "attention_dropout": hf.get("attn_pdrop", 0.1)}
+    problems = {
+        f"layer_norm_epsilon {hf.get('layer_norm_epsilon')} is not 1e-5":
+            not math.isclose(hf.get("layer_norm_epsilon", LAYER_NORM_EPS), LAYER_NORM_EPS, rel_tol=1e-9),
+        "it has cross-attention": bool(hf.get("add_cross_attention")),
+        "attention scores are not scaled by 1/sqrt(head_dim)": not hf.get("scale_attn_weights", True),
+        "attention is scaled by the inverse layer index": bool(hf.get("scale_attn_by_inverse_layer_idx")),
+        "resid_pdrop and embd_pdrop differ (we use one dropout outside attention)":
+            hf.get("resid_pdrop", 0.1) != hf.get("embd_pdrop", 0.1),
+    }
+    return shape, problems
+
+
+def opt_fields(hf: dict) -> tuple[dict, dict[str, bool]]:
+    """An OPT config as our shape fields, and what in it we cannot represent."""
+    shape = {"sequence_len": hf["max_position_embeddings"], "num_layers": hf["num_hidden_layers"],
+             "embed_dim": hf["hidden_size"], "num_heads": hf["num_attention_heads"], "hidden": hf["ffn_dim"],
+             "dropout": hf.get("dropout", 0.1), "attention_dropout": hf.get("attention_dropout", 0.0)}
+    problems = {
+        "its blocks are pre-LN (gpt1 is OPT with do_layer_norm_before false)": hf.get("do_layer_norm_before", True),
+        "it projects its embeddings (word_embed_proj_dim differs from hidden_size)":
+            hf.get("word_embed_proj_dim", hf["hidden_size"]) != hf["hidden_size"],
+        "its projections have no biases": not hf.get("enable_bias", True),
+        "its layer norms have no gains and biases": not hf.get("layer_norm_elementwise_affine", True),
+        "it has dropout inside the MLP (activation_dropout)": bool(hf.get("activation_dropout", 0.0)),
+    }
+    return shape, problems
 
 
 def model_config_from_hf(hf: dict, pad_id: int | None) -> ModelConfig:
     """Our ModelConfig for a transformers config, or a UsageError naming what we cannot represent."""
-    arch = ARCH_OF_TYPE[hf["model_type"]]
-    activation_key, tanh_names = TANH_GELU[arch]
-    embed = hf["n_embd"]
-    hidden = hf.get("n_inner") or 4 * embed
-    problems = {
-        f"{activation_key} {hf.get(activation_key)!r} is not the tanh GELU": hf.get(activation_key) not in tanh_names,
-        f"layer_norm_epsilon {hf.get('layer_norm_epsilon')} is not 1e-5":
-            not math.isclose(hf.get("layer_norm_epsilon", LAYER_NORM_EPS), LAYER_NORM_EPS, rel_tol=1e-9),
+    model_type = hf["model_type"]
+    shape, problems = opt_fields(hf) if model_type == "opt" else gpt_fields(hf)
+    activation_key, names = GELU_NAMES[model_type]
+    embed, hidden = shape["embed_dim"], shape["hidden"]
+    problems |= {
+        f"{activation_key} {hf.get(activation_key)!r} is not a GELU we have (one of {', '.join(names)})":
+            hf.get(activation_key) not in names,
         "the output layer is not tied to the token embedding": not hf.get("tie_word_embeddings", True),
-        "it has cross-attention": bool(hf.get("add_cross_attention")),
-        "attention scores are not scaled by 1/sqrt(head_dim)": not hf.get("scale_attn_weights", True),
-        "attention is scaled by the inverse layer index": bool(hf.get("scale_attn_by_inverse_layer_idx")),
-        f"the MLP width {hidden} is not a multiple of n_embd {embed}": hidden % embed != 0,
-        "resid_pdrop and embd_pdrop differ (we use one dropout outside attention)":
-            hf.get("resid_pdrop", 0.1) != hf.get("embd_pdrop", 0.1),
+        f"the MLP width {hidden} is not a multiple of the width {embed}": hidden % embed != 0,
     }
     found = [what for what, bad in problems.items() if bad]
     if found:
-        raise UsageError(f"this {HF_CLASSES[arch][1]} cannot be represented exactly: {'; '.join(found)}")
-    dropout, attention_dropout = float(hf.get("resid_pdrop", 0.1)), float(hf.get("attn_pdrop", 0.1))
-    config = ModelConfig(vocab_size=hf["vocab_size"], sequence_len=hf["n_positions"], num_layers=hf["n_layer"],
-                         embed_dim=embed, num_heads=hf["n_head"], forward_expansion=hidden // embed,
-                         dropout=dropout, arch=arch, pad_idx=pad_id,
-                         attention_dropout=None if attention_dropout == dropout else attention_dropout)
+        raise UsageError(f"this {MODEL_TYPES[model_type]} cannot be represented exactly: {'; '.join(found)}")
+    dropout, attention_dropout = float(shape["dropout"]), float(shape["attention_dropout"])
+    config = ModelConfig(vocab_size=hf["vocab_size"], sequence_len=shape["sequence_len"],
+                         num_layers=shape["num_layers"], embed_dim=embed, num_heads=shape["num_heads"],
+                         forward_expansion=hidden // embed, dropout=dropout,
+                         arch="gpt2" if model_type == "gpt2" else "gpt1", activation=names[hf[activation_key]],
+                         pad_idx=pad_id, attention_dropout=None if attention_dropout == dropout else attention_dropout)
     config.validate()
     return config
 
@@ -190,7 +277,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     for name, text in tokenizer_files(tokenizer, config.sequence_len).items():
         write_text(out / name, text)
-    write_text(out / "README.md", model_card(checkpoint, checkpoint_dir, HF_CLASSES[config.arch][1]))
+    write_text(out / "README.md", model_card(checkpoint, checkpoint_dir, MODEL_TYPES[model_type_of(config)]))
     return out
 
 
@@ -243,7 +330,7 @@ def load_hf_tokenizer(hf_dir: Path, transformers) -> Tokenizer:
 
 
 def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
-    """Convert a local GPT2LMHeadModel / OpenAIGPTLMHeadModel folder into a checkpoint folder."""
+    """Convert a local GPT2LMHeadModel / OpenAIGPTLMHeadModel / OPTForCausalLM folder into a checkpoint folder."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if not (hf_dir / "config.json").is_file():
         raise UsageError(f"{hf_dir / 'config.json'} not found; pass a transformers model folder to --from")
@@ -253,9 +340,9 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
         model_type = raw.get("model_type") if isinstance(raw, dict) else None
     except (ValueError, UnicodeDecodeError) as err:
         raise UsageError(f"{hf_dir / 'config.json'} is not valid JSON ({err}); the folder is damaged") from None
-    if model_type not in ARCH_OF_TYPE:
-        raise UsageError(f"model_type {model_type!r} is not supported; gpt import reads GPT2LMHeadModel (gpt2) "
-                         "and OpenAIGPTLMHeadModel (openai-gpt) folders")
+    if model_type not in MODEL_TYPES:
+        raise UsageError(f"model_type {model_type!r} is not supported; gpt import reads GPT2LMHeadModel (gpt2), "
+                         "OpenAIGPTLMHeadModel (openai-gpt) and post-LN OPTForCausalLM (opt) folders")
     hf = transformers.AutoConfig.from_pretrained(hf_dir, local_files_only=True).to_dict()
     tokenizer = load_hf_tokenizer(hf_dir, transformers)
     config = model_config_from_hf(hf, tokenizer.token_to_id(PAD))

@@ -54,6 +54,7 @@ def model_card(checkpoint: Checkpoint, checkpoint_dir: Path, architecture: str) 
     rows = [("architecture", f"`{architecture}`: {blocks}"), ("layers", config.num_layers),
             ("width", config.embed_dim), ("heads", config.num_heads), ("context", f"{config.sequence_len} tokens"),
             ("MLP width", config.forward_expansion * config.embed_dim),
+            ("activation", "GELU, tanh approximation" if config.activation == "gelu_tanh" else "GELU, exact (erf)"),
             ("vocabulary", f"{config.vocab_size} (byte-level BPE, lossless)"), ("dropout", config.dropout),
             ("parameters", f"{params:,}"), ("training steps", metadata.get("step", "not recorded")),
             ("optimizer", f"AdamW, lr {train.learning_rate:g}, batch {train.batch_size}, "
