@@ -92,7 +92,8 @@ def build_parser() -> ArgumentParser:
     export = commands.add_parser("export", help="write a transformers folder (weights, config, tokenizer, card)")
     export.add_argument("--checkpoint", required=True, help="a folder written by gpt train or gpt import")
     export.add_argument("--out", required=True, help="the transformers folder to write")
-    imports = commands.add_parser("import", help="turn a transformers GPT-2 / OpenAI-GPT folder into a checkpoint")
+    imports = commands.add_parser("import", help="turn a transformers GPT-2, OpenAI-GPT or post-LN OPT folder "
+                                                 "into a checkpoint")
     imports.add_argument("--from", dest="source", required=True, help="a transformers model folder")
     imports.add_argument("--out", required=True, help="the checkpoint folder to write")
     serve = commands.add_parser("serve", help="serve a model over OpenAI's completions API, with a playground page")
