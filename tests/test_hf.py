@@ -191,7 +191,7 @@ def test_negative_controls(random_hf, tmp_path, break_it):
         swapped = GPT(config=ModelConfig(**{**vars(config), "arch": "gpt2" if config.arch == "gpt1" else "gpt1"}))
         swapped.load_state_dict(ours.model.state_dict(), strict=False)  # a final LN, if gpt2, stays as built
         ours.model = swapped.eval()
-    elif config.arch == "gpt1" and opt:  # a stray final LayerNorm
+    elif opt:  # a stray final LayerNorm
         model.model.decoder.final_layer_norm = nn.LayerNorm(config.embed_dim)
     elif config.arch == "gpt1":
         layer.ln_2 = nn.Sequential(layer.ln_2, nn.LayerNorm(config.embed_dim))
