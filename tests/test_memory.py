@@ -284,12 +284,13 @@ def test_the_time_kept_for_a_timed_runs_end_keeps_what_validations_timed():
     costs = EndCosts(val_tokens=1_000, train_tokens=10_000)
     costs.estimate(0.001)  # from the training speed: no validation yet
     assert (costs.network, costs.keys, costs.scoring) == pytest.approx((2.0, 10.0, 6.0))
-    assert costs.reserve(max_time=600) == pytest.approx(2 * 2.0 + 2 * 10.0 + 6.0)
+    assert costs.reserve(max_time=600) == pytest.approx(1.1 * (2 * 2.0 + 2 * 10.0 + 6.0))
     costs.time_memory(keys=4.0, scoring=3.0)  # a validation with a memory timed its parts
     costs.save = 1.5  # and a checkpoint its save
     costs.estimate(0.0002)  # a later, faster validation without a memory: the timed parts stay
     assert (costs.network, costs.keys, costs.scoring) == pytest.approx((0.4, 4.0, 3.0))
-    assert costs.reserve(max_time=600) == pytest.approx(2 * 0.4 + 1.5 + 2 * 4.0 + 3.0)
+    costs.step = 1.2  # and the loop a step
+    assert costs.reserve(max_time=600) == pytest.approx(1.1 * (2 * 0.4 + 1.5 + 2 * 4.0 + 3.0) + 1.2)
     assert costs.validation_with_memory() == pytest.approx(0.4 + 4.0 + 3.0 + 1.5)
     costs.estimate(0.001)  # the machine slowed down: its speed now is the floor
     assert (costs.network, costs.keys, costs.scoring) == pytest.approx((2.0, 10.0, 6.0))

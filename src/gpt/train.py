@@ -345,8 +345,10 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
             speed = window_steps * tokens_per_step / max(time.perf_counter() - window_start, 1e-9)  # since last row
             if not math.isfinite(train_loss):
                 raise UsageError(diverged(f"the training loss became {train_loss} at step {step}", out))
-            if remembering and train_config.max_time and not reserve_timed:  # a step: ~3 forward passes
-                costs.estimate(1 / (3 * speed))
+            if remembering and train_config.max_time:
+                costs.step = tokens_per_step / speed
+                if not reserve_timed:  # a step: ~3 forward passes
+                    costs.estimate(1 / (3 * speed))
                 reserve = costs.reserve(train_config.max_time)
             # a memory that would run into the time kept for the end is left out of this validation
             with_memory = mid_run_memory and not (finished or stopping) and not (train_config.max_time and run_progress(
