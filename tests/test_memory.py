@@ -8,15 +8,15 @@ from cli_helpers import gpt_many
 from safetensors.torch import save_file
 
 from gpt.checkpoint import MEMORY_FILE, WEIGHTS_FILE, load_checkpoint, load_memory, save_weights
-from gpt.config import ModelConfig, TrainConfig, UsageError, preset
+from gpt.config import DEFAULT_PRESET, ModelConfig, TrainConfig, UsageError, preset
 from gpt.corpus import load_documents
-from gpt.dataset import TokenSplits, encode_documents, split_documents
+from gpt.dataset import TokenSplits, encode_documents, prepare_splits, split_documents
 from gpt.evaluate import total_nats
 from gpt.logs import read_metrics
 from gpt.memory import MEMORY_MAX_BYTES, Memory, build_memory, fits
 from gpt.model import GPT
 from gpt.runfolder import EndCosts, validates_with_memory
-from gpt.tokenizer import EOT, special_id
+from gpt.tokenizer import EOT, special_id, train_tokenizer
 from gpt.train import run_progress, train
 
 
@@ -118,6 +118,19 @@ def test_validations_use_a_memory_only_for_a_text_short_next_to_the_training_bet
     assert not validates_with_memory(longer, model_config, train_config, 4)
     model_config.memory_weight, model_config.memory_ngram_weight = 0.0, 0.0
     assert not validates_with_memory(TokenSplits(np.zeros(8), np.zeros(10), []), model_config, train_config, 4)
+
+
+def test_the_default_preset_scores_with_a_memory_at_its_validations_on_alice():
+    """The default validates every 180 steps so that its log shows the memory's score early (docs/training.md,
+    round 17); every 150 steps, the rule above would leave the memory out of them on Alice."""
+    model_config, train_config = preset(DEFAULT_PRESET)
+    documents = load_documents("alice")
+    tokenizer = train_tokenizer(split_documents(documents, train_config.val_fraction)[0],
+                                train_config.tokenizer_vocab_size)
+    splits = prepare_splits(documents, tokenizer, train_config.val_fraction)  # the plain tokenization alone
+    assert validates_with_memory(splits, model_config, train_config, train_config.batch_size)
+    train_config.eval_interval = 150
+    assert not validates_with_memory(splits, model_config, train_config, train_config.batch_size)
 
 
 @pytest.mark.parametrize("weight, temperature", [(1.0, 1.0), (-0.1, 1.0), (0.5, 0.0), (0.5, -2.0)])
