@@ -6,12 +6,18 @@ problem and the fix, no traceback, and every file the user had is byte-identical
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import traceback
 from pathlib import Path
+
+import torch
+
+from gpt.cli import main
 
 
 def gpt(*args: str, cwd=None, timeout: float = 180, env: dict | None = None,
@@ -22,11 +28,28 @@ def gpt(*args: str, cwd=None, timeout: float = 180, env: dict | None = None,
                           env=env or os.environ, timeout=timeout)
 
 
-def gpt_many(cases: dict[str, list[str]], workers: int = 4) -> dict[str, subprocess.CompletedProcess]:
-    """Run independent commands side by side: most of each one's time is Python and torch starting up."""
-    with ThreadPoolExecutor(workers) as pool:
-        futures = {name: pool.submit(gpt, *argv) for name, argv in cases.items()}
-        return {name: future.result() for name, future in futures.items()}
+def gpt_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`gpt ARGS` through the command's entry point, `gpt.cli.main`, in this process: the same code without the
+    3-4 s that a new process spends importing torch. What a crash would print on the way out lands in stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), torch.random.fork_rng():
+        try:
+            code = main(list(args))
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(["gpt", *args], code, out.getvalue(), err.getvalue())
+
+
+def gpt_many(cases: dict[str, list[str]], real: str) -> dict[str, subprocess.CompletedProcess]:
+    """Every command in this process (`gpt_in_process`); the case named `real` also as the installed command
+    in a new process, which must exit and print the same: the link between the two ways of running."""
+    results = {name: gpt_in_process(*argv) for name, argv in cases.items()}
+    command, here = gpt(*cases[real]), results[real]
+    assert (command.returncode, command.stderr) == (here.returncode, here.stderr), (command.stderr, here.stderr)
+    return results
 
 
 def fingerprint(*roots: Path) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Missing, damaged and mismatched checkpoints through the real `gpt` command.
+"""Missing, damaged and mismatched checkpoints through the `gpt` command (its entry point in this process, one
+case also as a new process: cli_helpers.gpt_many).
 
 Each case is a copy of a real checkpoint with one thing wrong; `gpt eval`, `gpt generate` or
 `gpt train --resume` must answer with one clear line and leave the folder byte-identical.
@@ -98,7 +99,7 @@ def outcome(tmp_path_factory, tiny_run):
             damage(folder)
         commands[name] = [a.format(f=folder) for a in COMMANDS[command]]
     before = fingerprint(root)
-    return root, before, gpt_many(commands), fingerprint(root)
+    return root, before, gpt_many(commands, real="folder_missing"), fingerprint(root)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -1,4 +1,6 @@
-"""Bad configuration through the real `gpt train`: one clear line naming the setting and the fix, exit 2.
+"""Bad configuration through `gpt train`: one clear line naming the setting and the fix, exit 2.
+
+The cases run through the command's entry point in this process, one also as a new process (cli_helpers.gpt_many).
 
 Every case runs against a folder of the user's files (configs, a text, an existing checkpoint),
 which must be byte-identical afterwards; a run folder that a failed command would have made
@@ -108,7 +110,7 @@ def outcome(tmp_path_factory, tiny_run, alice_text):
         args = [a.format(u=user) for a in args]
         out = [] if "--out" in args else ["--out", str(user / "runs" / name)]
         commands[name] = ["train", "--quiet", *args, *out]
-    return user, before, gpt_many(commands), fingerprint(user)
+    return user, before, gpt_many(commands, real="unknown_preset"), fingerprint(user)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -1,4 +1,6 @@
-"""Bad training data through the real `gpt` command: one clear line, exit 2, no file of the user's touched.
+"""Bad training data through `gpt train`: one clear line, exit 2, no file of the user's touched.
+
+The cases run through the command's entry point in this process, one also as a new process (cli_helpers.gpt_many).
 
 Decisions recorded here: invalid UTF-8 is refused (with the byte offset and a fix), not decoded
 with replacement characters, because a model trained on U+FFFD noise is worse than a clear stop.
@@ -9,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from cli_helpers import assert_one_clear_line, fingerprint, gpt, gpt_many
+from cli_helpers import assert_one_clear_line, fingerprint, gpt, gpt_in_process, gpt_many
 
 from gpt.corpus import load_documents
 from gpt.dataset import encode_documents, write_tokens
@@ -55,7 +57,7 @@ def outcome(tmp_path_factory, tiny_run):
                           str(root / "runs" / name)]
         if name in INTO_EXISTING_RUN:
             commands[name + "_into_existing_run"] = commands[name][:-1] + [str(existing), "--overwrite"]
-    return root, before, gpt_many(commands), fingerprint(root)
+    return root, before, gpt_many(commands, real="missing_path"), fingerprint(root)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -73,7 +75,7 @@ def test_eval_refuses_bad_text_without_touching_the_checkpoint(tiny_run, tmp_pat
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\x00\x01\x02" * 100)
     before = fingerprint(tiny_run, binary)
-    assert_one_clear_line(gpt("eval", "--checkpoint", str(tiny_run), "--text", str(binary)), "binary")
+    assert_one_clear_line(gpt_in_process("eval", "--checkpoint", str(tiny_run), "--text", str(binary)), "binary")
     assert fingerprint(tiny_run, binary) == before
 
 
@@ -107,8 +109,8 @@ def test_a_10_mb_single_line_trains(tmp_path, alice_text):
     config.write_text("[train]\nval_fraction = 0.002\n")
     assert load_documents(data) == [text]
     before = fingerprint(data)
-    result = gpt("train", "--preset", "tiny", "--config", str(config), "--max-steps", "2", "--data", str(data),
-                 "--out", str(tmp_path / "run"), "--quiet", timeout=600)
+    result = gpt_in_process("train", "--preset", "tiny", "--config", str(config), "--max-steps", "2", "--data",
+                            str(data), "--out", str(tmp_path / "run"), "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
     assert np.fromfile(tmp_path / "run" / "data" / "train.bin", dtype=np.uint16).size > 5_000_000
     assert fingerprint(data) == before
@@ -129,11 +131,11 @@ def test_a_vocabulary_beyond_16_bits_is_stored_in_32_bits(tmp_path):
     config = tmp_path / "big_vocab.toml"
     config.write_text("[train]\ntokenizer_vocab_size = 70000\neval_stride = 32\nval_fraction = 0.01\n")
     out = tmp_path / "run"
-    result = gpt("train", "--preset", "tiny", "--config", str(config), "--max-steps", "2", "--data", str(data),
-                 "--out", str(out), "--quiet")
+    result = gpt_in_process("train", "--preset", "tiny", "--config", str(config), "--max-steps", "2", "--data",
+                            str(data), "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
     assert np.fromfile(out / "data" / "train.bin", dtype=np.uint32).max() >= 2**16
     sample = tmp_path / "sample.txt"
     sample.write_text(" ".join(words[:50]))
-    scored = gpt("eval", "--checkpoint", str(out), "--text", str(sample), "--json")
+    scored = gpt_in_process("eval", "--checkpoint", str(out), "--text", str(sample), "--json")
     assert scored.returncode == 0, scored.stderr[-2000:]

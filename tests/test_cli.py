@@ -1,4 +1,5 @@
-"""The `gpt` command as a user runs it: real subprocesses, real checkpoints.
+"""The `gpt` command as a user runs it: real checkpoints, real subprocesses where the process itself matters
+(starting, training, the terminal), the command's entry point in this process for the rest.
 
 Bad data, configuration and checkpoints have their own modules: tests/test_bad_*.py.
 """
@@ -8,7 +9,7 @@ import os
 import sys
 
 import pytest
-from cli_helpers import assert_one_clear_line, gpt
+from cli_helpers import assert_one_clear_line, gpt, gpt_in_process
 
 
 def test_train_generate_eval_end_to_end(tmp_path):
@@ -19,26 +20,26 @@ def test_train_generate_eval_end_to_end(tmp_path):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png"):
         assert (out / name).is_file()
     first = gpt("generate", "--checkpoint", str(out), "Alice was", "--max-new-tokens", "30", "--seed", "1")
-    second = gpt("generate", "--checkpoint", str(out), "Alice was", "--max-new-tokens", "30", "--seed", "1")
+    second = gpt_in_process("generate", "--checkpoint", str(out), "Alice was", "--max-new-tokens", "30", "--seed", "1")
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("Alice was") and len(first.stdout) > len("Alice was\n")
     assert first.stdout == second.stdout
-    samples = gpt("generate", "--checkpoint", str(out), "The", "--num-samples", "3", "--seed", "2",
+    samples = gpt_in_process("generate", "--checkpoint", str(out), "The", "--num-samples", "3", "--seed", "2",
                   "--max-new-tokens", "10")
     assert samples.returncode == 0 and samples.stdout.count("--- sample") == 3
     text = tmp_path / "other.txt"
     text.write_text("Curiouser and curiouser! cried Alice.\n" * 20)
-    scored = gpt("eval", "--checkpoint", str(out), "--text", str(text), "--json")
+    scored = gpt_in_process("eval", "--checkpoint", str(out), "--text", str(text), "--json")
     assert scored.returncode == 0, scored.stderr
     report = json.loads(scored.stdout)
     assert set(report) == {"loss", "perplexity", "bits_per_char", "bits_per_byte", "tokens", "chars",
                            "memory_positions"}
     assert report["chars"] == len(text.read_text()) and report["memory_positions"] == 0  # tiny: no memory
-    adapted = gpt("eval", "--checkpoint", str(out), "--text", str(text), "--json", "--adapt")
+    adapted = gpt_in_process("eval", "--checkpoint", str(out), "--text", str(text), "--json", "--adapt")
     adapted_report = json.loads(adapted.stdout)
     assert adapted_report["adapt_lr"] > 0 and adapted_report["tokens"] == report["tokens"]
     assert adapted_report["bits_per_char"] < report["bits_per_char"]  # a text that repeats itself: learnt as read
-    default = gpt("eval", "--checkpoint", str(out))
+    default = gpt_in_process("eval", "--checkpoint", str(out))
     assert default.returncode == 0 and "validation split" in default.stdout and "bits/char" in default.stdout
 
 
@@ -53,16 +54,16 @@ def test_invalid_sampling_value_from_the_shell(tiny_run):
 
 
 def test_eval_rejects_a_bad_stride_or_adaptation_rate(tiny_run):
-    assert_one_clear_line(gpt("eval", "--checkpoint", str(tiny_run), "--stride", "0"), "stride")
-    assert_one_clear_line(gpt("eval", "--checkpoint", str(tiny_run), "--adapt", "-1"), "learning rate")
+    assert_one_clear_line(gpt_in_process("eval", "--checkpoint", str(tiny_run), "--stride", "0"), "stride")
+    assert_one_clear_line(gpt_in_process("eval", "--checkpoint", str(tiny_run), "--adapt", "-1"), "learning rate")
 
 
 def test_generate_with_stop_strings_and_filters(tiny_run):
-    free = gpt("generate", "--checkpoint", str(tiny_run), "Alice", "--temperature", "0", "--max-new-tokens", "40")
+    greedy = ("generate", "--checkpoint", str(tiny_run), "Alice", "--temperature", "0", "--max-new-tokens", "40")
+    free = gpt_in_process(*greedy)
     continuation = free.stdout[len("Alice"):-1]
     stop = continuation[8:11]
-    cut = gpt("generate", "--checkpoint", str(tiny_run), "Alice", "--temperature", "0", "--max-new-tokens", "40",
-              "--stop", stop, "--stop", "zzzz", "--min-p", "0.05", "--repetition-penalty", "1.0")
+    cut = gpt_in_process(*greedy, "--stop", stop, "--stop", "zzzz", "--min-p", "0.05", "--repetition-penalty", "1.0")
     assert cut.returncode == 0, cut.stderr
     assert cut.stdout == "Alice" + continuation[: continuation.index(stop)] + "\n"
 

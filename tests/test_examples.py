@@ -21,11 +21,14 @@ def test_walkthrough_script_runs():
 
 @pytest.mark.slow
 def test_walkthrough_notebook_runs():
+    """Every cell, in a kernel, with the training cut to 30 batches: the script above trains all 300."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(EXAMPLES / "walkthrough.ipynb", as_version=4)
+    training = next(cell for cell in notebook.cells if "total_batches = 1, 300" in cell.source)
+    training.source = training.source.replace("total_batches = 1, 300", "total_batches = 1, 30")
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(EXAMPLES)}}).execute()
     outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                       for o in cell.get("outputs", []))
-    assert "batch 300/300" in outputs and "what is your name?" in outputs
+    assert "batch 30/30" in outputs and "what is your name?" in outputs

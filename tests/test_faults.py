@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import assert_one_clear_line, fingerprint, gpt
+from cli_helpers import assert_one_clear_line, fingerprint, gpt, gpt_in_process
 
 from gpt.checkpoint import STATE_FILE, WEIGHTS_FILE, load_checkpoint, load_training_state
 from gpt.logs import read_metrics
@@ -73,8 +73,9 @@ def run(tiny_run, tmp_path) -> Path:
 
 
 def resume(run: Path, steps: int, launcher: str | None = None) -> subprocess.CompletedProcess:
-    return gpt("train", "--resume", "--out", str(run), "--max-steps", str(steps), "--quiet",
-               launcher=launcher and launcher + RUN_GPT)
+    """With a launcher, a new process that sets up the fault first; without, `gpt train` in this process."""
+    args = ("train", "--resume", "--out", str(run), "--max-steps", str(steps), "--quiet")
+    return gpt(*args, launcher=launcher + RUN_GPT) if launcher else gpt_in_process(*args)
 
 
 def assert_resumable(run: Path, steps: int) -> None:
@@ -103,8 +104,7 @@ def test_signal_leaves_a_checkpoint_that_resume_continues(tmp_path, sig):
     stopped_at = load_training_state(out)["step"]
     assert stopped_at > 0 and read_metrics(out / "metrics.jsonl")[-1]["step"] == stopped_at
     load_checkpoint(out)
-    resumed = subprocess.run(command[:-4] + ["--max-steps", str(stopped_at + 10), "--out", str(out), "--resume"],
-                             capture_output=True, text=True, env=os.environ, timeout=120)
+    resumed = gpt_in_process(*command[3:-4], "--max-steps", str(stopped_at + 10), "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {stopped_at}" in resumed.stderr
     assert load_training_state(out)["step"] == stopped_at + 10
@@ -149,8 +149,7 @@ def test_kill_9_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, 
         assert all(bool(torch.isfinite(t).all()) for t in state["model"].values())
         steps.append(state["step"])
     assert steps == sorted(steps) and steps[-1] > steps[0]
-    final = subprocess.run(base[:-3] + ["--max-steps", str(steps[-1] + 4), "--quiet", "--resume"],
-                           capture_output=True, text=True, env=os.environ, timeout=300)
+    final = gpt_in_process(*base[3:-3], "--max-steps", str(steps[-1] + 4), "--quiet", "--resume")
     assert final.returncode == 0, final.stderr[-2000:]
     assert load_training_state(out)["step"] == steps[-1] + 4
     assert not list(out.glob(".*.tmp*"))  # what the killed runs left half-written is cleaned up

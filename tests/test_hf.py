@@ -8,14 +8,12 @@ three transformers classes: gpt1 with the tanh GELU is OpenAIGPTLMHeadModel, gpt
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from cli_helpers import gpt_in_process
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -36,11 +34,6 @@ from gpt.train import train  # noqa: E402
 TOLERANCE = 1e-4  # logits, max abs difference, fp32
 KINDS = {"gpt1": ("gpt1", "gelu"), "gpt1_tanh": ("gpt1", "gelu_tanh"), "gpt2": ("gpt2", "gelu"),
          "gpt2_tanh": ("gpt2", "gelu_tanh")}  # test id -> (arch, activation)
-
-
-def gpt(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gpt", *args], capture_output=True, text=True, env=os.environ,
-                          timeout=300)
 
 
 def hf_model(folder: Path):
@@ -245,7 +238,7 @@ def test_exported_tokenizer_gives_our_ids_and_text(both_tokenizers, text):
 
 
 def cli_greedy(checkpoint: Path, prompt: str) -> str:
-    result = gpt("generate", "--checkpoint", str(checkpoint), prompt, "--temperature", "0",
+    result = gpt_in_process("generate", "--checkpoint", str(checkpoint), prompt, "--temperature", "0",
                  "--max-new-tokens", "50")
     assert result.returncode == 0, result.stderr
     return result.stdout.removesuffix("\n")
@@ -298,7 +291,7 @@ def test_imported_gpt2_tokenizer_without_pad_works_everywhere(tmp_path, alice_te
     tokenizer = gpt2_style_tokenizer(alice_text[:20_000])
     source = save_random_hf(tmp_path / "hf", "gpt2", tokenizer, sequence_len=32, pad_token_id=None)
     imported = tmp_path / "imported"
-    result = gpt("import", "--from", str(source), "--out", str(imported))
+    result = gpt_in_process("import", "--from", str(source), "--out", str(imported))
     assert result.returncode == 0, result.stderr
     checkpoint = load_checkpoint(imported)
     assert checkpoint.model_config.pad_idx is None and checkpoint.info["tokenizer"]["pad_id"] is None
@@ -308,7 +301,7 @@ def test_imported_gpt2_tokenizer_without_pad_works_everywhere(tmp_path, alice_te
     (tmp_path / "new.txt").write_text(new_text, encoding="utf-8")
     (tmp_path / "slow.toml").write_text("[train]\nlearning_rate = 1e-12\nwarmup_steps = 1\nbatch_size = 4\n")
     tuned = tmp_path / "tuned"
-    result = gpt("train", "--init-from", str(imported), "--data", str(tmp_path / "new.txt"), "--config",
+    result = gpt_in_process("train", "--init-from", str(imported), "--data", str(tmp_path / "new.txt"), "--config",
                  str(tmp_path / "slow.toml"), "--max-steps", "2", "--eval-interval", "2", "--out", str(tuned),
                  "--quiet")
     assert result.returncode == 0, result.stderr
@@ -361,7 +354,7 @@ def test_import_refuses_a_lossy_tokenizer_and_other_models(tiny_run, tmp_path):
         import_checkpoint(tmp_path / "nowhere", tmp_path / "out")
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    result = gpt("import", "--from", str(source), "--out", str(tmp_path / "out"))
+    result = gpt_in_process("import", "--from", str(source), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and result.stderr.startswith("gpt: error: model_type 'llama' is not supported")
     assert result.stderr.count("\n") == 1
 
@@ -373,12 +366,12 @@ def test_export_refuses_what_transformers_cannot_hold(tiny_run, tmp_path):
     assert hf_config(ModelConfig(vocab_size=320, forward_expansion=2), 1, 0)["ffn_dim"] == 2 * 512  # OPT holds it
     with pytest.raises(UsageError, match="not found"):
         export_checkpoint(tmp_path / "missing", tmp_path / "hf")
-    result = gpt("export", "--checkpoint", str(tiny_run), "--out", str(tiny_run))
+    result = gpt_in_process("export", "--checkpoint", str(tiny_run), "--out", str(tiny_run))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "pass a new folder" in result.stderr
 
 
 def test_init_from_refuses_resume_and_another_shape(tiny_run, tmp_path):
-    result = gpt("train", "--init-from", str(tiny_run), "--resume", "--out", str(tmp_path / "t"))
+    result = gpt_in_process("train", "--init-from", str(tiny_run), "--resume", "--out", str(tmp_path / "t"))
     assert result.returncode == 2 and "pass only one of them" in result.stderr
     model_config, train_config = preset("tiny")
     model_config.embed_dim = 64

@@ -282,7 +282,7 @@ def test_the_command_line_scores_and_samples_with_and_without_the_memory(memory_
         "text": ["eval", "--checkpoint", str(memory_run)],
         "generate": ["generate", "--checkpoint", str(memory_run), "Alice", "--max-new-tokens", "5", "--seed", "1",
                      "--no-memory"],
-    }, workers=2)
+    }, real="generate")
     assert all(run.returncode == 0 for run in runs.values()), {k: v.stderr for k, v in runs.items()}
     row = read_metrics(memory_run / "metrics.jsonl")[-1]
     scored = {name: json.loads(runs[name].stdout) for name in ("with", "without")}
