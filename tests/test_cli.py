@@ -25,7 +25,7 @@ def test_train_generate_eval_end_to_end(tmp_path):
     assert first.stdout.startswith("Alice was") and len(first.stdout) > len("Alice was\n")
     assert first.stdout == second.stdout
     samples = gpt_in_process("generate", "--checkpoint", str(out), "The", "--num-samples", "3", "--seed", "2",
-                  "--max-new-tokens", "10")
+                             "--max-new-tokens", "10")
     assert samples.returncode == 0 and samples.stdout.count("--- sample") == 3
     text = tmp_path / "other.txt"
     text.write_text("Curiouser and curiouser! cried Alice.\n" * 20)
