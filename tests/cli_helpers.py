@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,11 +29,21 @@ def gpt(*args: str, cwd=None, timeout: float = 180, env: dict | None = None,
                           env=env or os.environ, timeout=timeout)
 
 
+def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def gpt_in_process(*args: str) -> subprocess.CompletedProcess:
     """`gpt ARGS` through the command's entry point, `gpt.cli.main`, in this process: the same code without the
-    3-4 s that a new process spends importing torch. What a crash would print on the way out lands in stderr."""
+    3-4 s that a new process spends importing torch. What the process would print lands in stderr too: Python's
+    warnings under its default filters (pytest would otherwise collect them) and a crash's traceback."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), torch.random.fork_rng():
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), torch.random.fork_rng(), \
+            warnings.catch_warnings():
+        warnings.resetwarnings()
+        for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", quiet)
+        warnings.showwarning = print_warning
         try:
             code = main(list(args))
         except SystemExit as stop:
