@@ -12,15 +12,13 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import gpt_in_process
 
-from gpt.cli import main
 
-
-def gpt(capsys, *args: str) -> tuple[int, str, str]:
+def gpt(*args: str) -> tuple[int, str, str]:
     """The CLI's main() in this process (no interpreter start-up per case): exit code, stdout, stderr."""
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    result = gpt_in_process(*args)
+    return result.returncode, result.stdout, result.stderr
 
 
 def folder_hash(folder) -> str:
@@ -53,8 +51,8 @@ def checkpoint(tiny_run):
     (["--num-samples", "-2"], ["--num-samples"]),
     (["--top-k", "2.5"], ["invalid int"]),
 ])
-def test_invalid_sampling_values_are_one_clear_line(capsys, checkpoint, args, words):
-    code, out, err = gpt(capsys, "generate", "--checkpoint", checkpoint, "Alice", *args)
+def test_invalid_sampling_values_are_one_clear_line(checkpoint, args, words):
+    code, out, err = gpt("generate", "--checkpoint", checkpoint, "Alice", *args)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpt: error: ") and "Traceback" not in err
@@ -67,15 +65,15 @@ def test_invalid_sampling_values_are_one_clear_line(capsys, checkpoint, args, wo
     "Ωmega ≈ 🦄 日本語 \u200b\ttab",  # characters the book never uses
     "<|endoftext|>[PAD]",  # special-token names are plain text
 ])
-def test_unusual_prompts_are_continued(capsys, checkpoint, prompt):
-    code, out, err = gpt(capsys, "generate", "--checkpoint", checkpoint, prompt, "--max-new-tokens", "20",
+def test_unusual_prompts_are_continued(checkpoint, prompt):
+    code, out, err = gpt("generate", "--checkpoint", checkpoint, prompt, "--max-new-tokens", "20",
                          "--seed", "0")
     assert code == 0 and err == "", err
     assert out.startswith(prompt) and len(out) > len(prompt)
 
 
-def test_zero_new_tokens_prints_the_prompt(capsys, checkpoint):
-    assert gpt(capsys, "generate", "--checkpoint", checkpoint, "Alice", "--max-new-tokens", "0") == (0, "Alice\n", "")
+def test_zero_new_tokens_prints_the_prompt(checkpoint):
+    assert gpt("generate", "--checkpoint", checkpoint, "Alice", "--max-new-tokens", "0") == (0, "Alice\n", "")
 
 
 @pytest.mark.slow
