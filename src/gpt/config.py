@@ -110,6 +110,7 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters, gradients and optimizer state across torchrun processes
     bpe_dropout: float = 0.0  # chance that a BPE merge is skipped in the extra copies of the training text
     bpe_copies: int = 1  # the training text tokenized this many times: once plainly, the rest with BPE dropout
+    retyped_copies: float = 0.0  # share of the BPE-dropout copies rewritten in another typography (gpt.typography)
     weight_average: float = 0.0  # decay of an exponential moving average of the weights (0: off), used to
     # validate and save the model; e.g. 0.98 averages over about the last 50 steps
 
@@ -155,6 +156,8 @@ class TrainConfig:
             raise UsageError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 <= self.bpe_dropout < 1.0:
             raise UsageError(f"train.bpe_dropout must be in [0, 1) (0 turns it off), got {self.bpe_dropout}")
+        if not 0.0 <= self.retyped_copies <= 1.0:
+            raise UsageError(f"train.retyped_copies must be in [0, 1] (0 turns it off), got {self.retyped_copies}")
         if not 0.0 <= self.weight_average < 1.0:
             raise UsageError(f"train.weight_average must be in [0, 1) (0 turns it off), got {self.weight_average}")
         for name in ("beta1", "beta2"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 
 from gpt.config import UsageError
 from gpt.tokenizer import EOT, MergeDropout, encode, special_id, text_chunks
+from gpt.typography import typographic_variant
 
 
 def split_documents(documents: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
@@ -86,13 +88,15 @@ DROPOUT_MAX_CHARS = 10_000_000  # characters segmented with BPE dropout, all cop
 
 def prepare_splits(
     documents: list[str], tokenizer: Tokenizer, val_fraction: float, folder: Path | None = None,
-    bpe_dropout: float = 0.0, copies: int = 1, seed: int = 0,
+    bpe_dropout: float = 0.0, copies: int = 1, seed: int = 0, retyped: float = 0.0,
 ) -> TokenSplits:
     """Tokenize both splits; with a folder, keep them there as memory-mapped files.
 
     With BPE dropout the training split holds `copies` tokenizations of the training text: the plain one,
     then the rest with dropout, each from its own seed (a small text's regulariser: fewer copies when the
-    text is long, none beyond DROPOUT_MAX_CHARS). Validation is always tokenized plainly.
+    text is long, none beyond DROPOUT_MAX_CHARS). A `retyped` share of those copies is first rewritten in a
+    typography drawn for the copy (gpt.typography), so that other quotes, dashes and line lengths are the same
+    text to the model. Validation is always tokenized plainly, as it is.
     """
     train_docs, val_docs = split_documents(documents, val_fraction)
     if not train_docs or not val_docs:
@@ -103,7 +107,8 @@ def prepare_splits(
     plain_tokens = len(train_ids)
     extra = min(copies - 1, DROPOUT_MAX_CHARS // max(1, sum(map(len, train_docs)))) if bpe_dropout else 0
     if extra > 0:
-        variants = [encode_documents(tokenizer, train_docs, MergeDropout(tokenizer, bpe_dropout, (seed << 20) + copy))
+        variants = [encode_documents(tokenizer, training_copy(train_docs, copy, extra, retyped, seed),
+                                     MergeDropout(tokenizer, bpe_dropout, (seed << 20) + copy))
                     for copy in range(1, extra + 1)]
         train_ids = np.concatenate([train_ids, *variants])
     val_ids = encode_documents(tokenizer, val_docs)
@@ -113,6 +118,15 @@ def prepare_splits(
     return TokenSplits(train_ids, val_ids, val_docs, sum(map(len, val_docs)),
                        sum(len(d.encode("utf-8")) for d in val_docs), copies=1 + max(0, extra),
                        plain_tokens=plain_tokens)
+
+
+def training_copy(documents: list[str], copy: int, copies: int, retyped: float, seed: int) -> list[str]:
+    """Copy `copy` (1 .. copies) of the training documents: the last round(retyped * copies) in another
+    typography, drawn from the run's seed and the copy's number."""
+    if copy <= copies - round(retyped * copies):
+        return documents
+    rng = random.Random((seed << 20) + copy)
+    return [typographic_variant(doc, rng) for doc in documents]
 
 
 def check_lengths(splits: TokenSplits, sequence_len: int) -> None:

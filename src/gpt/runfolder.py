@@ -114,7 +114,8 @@ def prepare_data(
             train_docs = split_documents(documents, train_config.val_fraction)[0]
             tokenizer = train_tokenizer(train_docs, train_config.tokenizer_vocab_size)
         splits = prepare_splits(documents, tokenizer, train_config.val_fraction, bpe_dropout=train_config.bpe_dropout,
-                                copies=train_config.bpe_copies, seed=train_config.seed)
+                                copies=train_config.bpe_copies, seed=train_config.seed,
+                                retyped=train_config.retyped_copies)
     if not resume:
         model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), tokenizer.token_to_id(PAD)
     check_lengths(splits, model_config.sequence_len)
