@@ -10,6 +10,9 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if not os.environ.get("GPT_DATA_DIR") and SHARED_DATA.is_dir():
     os.environ["GPT_DATA_DIR"] = str(SHARED_DATA)
 
+# Runs are compared with each other and with `gpt eval` to 1e-5: pin float32 on CPUs that would pick bf16.
+os.environ.setdefault("GPT_DTYPE", "float32")
+
 # A shell starts background jobs (`pytest &`, nohup) with Ctrl-C ignored, and child processes inherit that,
 # so the tests that press Ctrl-C on a `gpt` subprocess would hang. Handled signals reset on exec: restore it.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:

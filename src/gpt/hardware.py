@@ -96,7 +96,10 @@ def choose_device(name: str) -> torch.device:
 
 def autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
     """The low precision to train in, or None for plain float32. "auto" picks bf16 autocast where the
-    hardware computes in bf16 natively (CUDA GPUs since Ampere, CPUs with AVX512-BF16 or AMX)."""
+    hardware computes in bf16 natively (CUDA GPUs since Ampere, CPUs with AVX512-BF16 or AMX). The environment's
+    GPT_DTYPE (float32 or bfloat16) replaces "auto": the test suite compares runs to 1e-5 and pins float32."""
+    if name == "auto" and os.environ.get("GPT_DTYPE") in ("float32", "bfloat16"):
+        name = os.environ["GPT_DTYPE"]
     if name == "bfloat16":
         return torch.bfloat16
     if name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
