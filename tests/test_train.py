@@ -58,11 +58,15 @@ def test_same_seed_same_losses_and_other_seed_differs(tmp_path):
     assert runs[0] != runs[2]
 
 
-def test_default_precision_and_compile_follow_the_hardware():
+def test_default_precision_and_compile_follow_the_hardware(monkeypatch):
     """On a CPU: bf16 autocast only with native bf16, never compiled unless asked; explicit choices win."""
     cpu = torch.device("cpu")
     native = native_bf16(cpu_flags(read_cpuinfo()))
+    assert autocast_dtype(cpu, "auto") is None  # the suite pins float32 (conftest's GPT_DTYPE)
+    monkeypatch.delenv("GPT_DTYPE")
     assert autocast_dtype(cpu, "auto") == (torch.bfloat16 if native else None)
+    monkeypatch.setenv("GPT_DTYPE", "bfloat16")
+    assert autocast_dtype(cpu, "auto") == torch.bfloat16
     assert autocast_dtype(cpu, "float32") is None and autocast_dtype(cpu, "bfloat16") == torch.bfloat16
     assert TrainConfig().dtype == "auto" and TrainConfig().compile is None
     assert not compiles(cpu, None) and compiles(cpu, True) and not compiles(torch.device("cuda"), False)
