@@ -7,7 +7,7 @@ import torch
 from cli_helpers import gpt_many
 from safetensors.torch import save_file
 
-from gpt.checkpoint import MEMORY_FILE, WEIGHTS_FILE, load_checkpoint, load_memory, save_weights
+from gpt.checkpoint import MEMORY_FILE, WEIGHTS_FILE, load_checkpoint, load_memory, save_weights, weights_step
 from gpt.config import DEFAULT_PRESET, ModelConfig, TrainConfig, UsageError, preset
 from gpt.corpus import load_documents
 from gpt.dataset import TokenSplits, encode_documents, prepare_splits, split_documents
@@ -218,6 +218,23 @@ def test_validations_during_a_run_score_with_a_memory_of_the_weights_they_valida
     nats, _ = total_nats(model, encode_documents(checkpoint.tokenizer, val_docs), eot)
     chars = sum(map(len, val_docs))
     assert nats / (chars * math.log(2)) == pytest.approx(middle["val_bits_per_char_with_memory"], abs=1e-5)
+
+
+def test_a_run_keeps_the_weights_that_score_best_with_the_memory(alice_text, tmp_path):
+    """Validations with a memory judge the weights by that score; the last one (no memory) replaces them only
+    with a lower network loss than theirs (on this text the network's best came at step 440 here, the memory's at
+    360)."""
+    text = tmp_path / "start.txt"
+    text.write_text(alice_text[1_000:5_000], encoding="utf-8")
+    model_config, train_config = preset("tiny")
+    model_config.memory_weight, model_config.memory_ngram_weight = 0.5, 0.2
+    train_config.max_steps, train_config.max_time, train_config.eval_interval = 480, None, 40
+    train(model_config, train_config, tmp_path / "run", data=str(text), show_progress=False)
+    rows = [row for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in row]
+    scored = [row for row in rows if "val_bits_per_char_with_memory" in row]
+    by_memory = min(scored, key=lambda row: row["val_bits_per_char_with_memory"])
+    kept = rows[-1] if rows[-1]["val_loss"] < by_memory["val_loss"] else by_memory
+    assert weights_step(tmp_path / "run" / WEIGHTS_FILE) == str(kept["step"])
 
 
 def test_a_timed_run_reserves_the_memorys_time_before_its_first_validation(alice_text, tmp_path):

@@ -12,7 +12,7 @@ from gpt.checkpoint import load_checkpoint, load_training_state
 from gpt.config import TrainConfig, UsageError, preset
 from gpt.hardware import autocast_dtype, compiles, cpu_flags, native_bf16, read_cpuinfo
 from gpt.logs import read_metrics
-from gpt.train import learning_rate, run_progress, train
+from gpt.train import learning_rate, replaces_kept, run_progress, train
 
 
 def tiny_configs(steps: int):
@@ -173,3 +173,11 @@ def test_a_timed_run_ends_with_the_validation_that_runs_past_its_time(tmp_path, 
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all("val_loss" in r for r in rows)
     assert calls == [1, 2] and load_training_state(tmp_path / "run")["step"] == 2
+
+
+def test_the_kept_weights_are_judged_by_the_memory_score_where_a_validation_has_one():
+    assert replaces_kept(5.0, 1.80, kept_loss=4.0, kept_mixed=1.90)  # the network worse, the mixture better
+    assert not replaces_kept(3.0, 1.95, kept_loss=4.0, kept_mixed=1.90)
+    assert replaces_kept(3.0, None, kept_loss=4.0, kept_mixed=1.90)  # no memory score: the network's loss
+    assert not replaces_kept(5.0, None, kept_loss=4.0, kept_mixed=1.90)
+    assert not replaces_kept(None, None, kept_loss=math.inf, kept_mixed=math.inf)  # a failed validation

@@ -118,6 +118,15 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+def replaces_kept(val_loss: float | None, mixed_bits: float | None, kept_loss: float, kept_mixed: float) -> bool:
+    """Whether a validation's weights replace the kept ones. Scored with a memory, they are judged by that
+    score, the one `gpt eval` reports: with a memory the best weights come later than the network's best (round 19
+    of docs/training.md). A validation without one is judged by the network's loss against the kept weights'."""
+    if val_loss is None:
+        return False
+    return mixed_bits < kept_mixed if mixed_bits is not None else val_loss < kept_loss
+
+
 def micro_seed(seed: int, step: int, micro_batch: int) -> int:
     """Dropout masks are a function of the data position, so the split into processes and micro-steps
     does not change the run, and a resumed run draws the same masks."""
@@ -191,6 +200,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     step_forward = compile_step(wrapped, device, world) if compiled else wrapped  # validation runs the plain model
     optimizer = make_optimizer(model, train_config)
     step, elapsed, best_val, windows_seen = 0, 0.0, math.inf, 0
+    best_mixed = math.inf  # the kept weights' val bits/char with a memory; inf: none scored them with one
     if state is not None:
         try:
             distributed.load_state(wrapped, model, optimizer, state["model"], state["optimizer"], world)
@@ -199,6 +209,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
             raise UsageError(f"{out / STATE_FILE} does not fit the model in {out / CONFIG_FILE} "
                              f"({first_line(err)}); train again without --resume") from None
         step, elapsed, best_val = state["step"], state["elapsed"], state["best_val_loss"]
+        best_mixed = state.get("best_val_bits_with_memory", math.inf)
         windows_seen = state.get("windows_seen", step * train_config.batch_size)
     elif initial is not None:
         model.load_state_dict(initial.model.state_dict())
@@ -263,8 +274,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         score = score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if world.is_main else None
         return score, mixed, True
 
-    def checkpoint(val_loss: float | None, validation_failed: bool) -> None:
-        nonlocal best_val, reserve
+    def checkpoint(val_loss: float | None, mixed_bits: float | None, validation_failed: bool) -> None:
+        nonlocal best_val, best_mixed, reserve
         started_at = time.perf_counter()
         broken = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
         if distributed.agree([float(broken)], world)[0]:
@@ -277,14 +288,15 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         failure = None
         if world.is_main:
             try:
-                if val_loss is not None and val_loss < best_val:
+                if replaces_kept(val_loss, mixed_bits, best_val, best_mixed):
                     save_weights(out, weights, {"step": str(step), "val_loss": f"{val_loss:.6f}"})
-                    best_val = val_loss
+                    best_val, best_mixed = val_loss, math.inf if mixed_bits is None else mixed_bits
                 elif validation_failed and not (out / WEIGHTS_FILE).exists():  # keep the run usable
                     save_weights(out, weights, {"step": str(step), "val_loss": "unknown"})
                 save_training_state(out, {
                     "model": model_state, "optimizer": optimizer_state, "step": step, "elapsed": elapsed,
-                    "best_val_loss": best_val, "windows_seen": windows_seen, "rng": torch.get_rng_state(),
+                    "best_val_loss": best_val, "best_val_bits_with_memory": best_mixed, "windows_seen": windows_seen,
+                    "rng": torch.get_rng_state(),
                     **({"average": average.state_dict()} if average else {}),
                 })
             except (OSError, RuntimeError, SafetensorError) as err:
@@ -372,7 +384,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
                            val="-" if val_loss is None else f"{val_loss:.3f}", tok_s=f"{speed:,.0f}",
                            **({"mfu": f"{100 * row['mfu']:.0f}%"} if peak else {}))
             if saving:
-                checkpoint(score.loss if score else None, validation_failed=not validated)
+                checkpoint(score.loss if score else None, mixed.bits_per_char if mixed else None,
+                           validation_failed=not validated)
             if evaluating and not finished and train_config.max_time:  # one that ran past the time is the last
                 elapsed, reserve = distributed.agree([time.perf_counter() - started, reserve], world)
                 finished = progress() >= 1.0
@@ -387,7 +400,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         say(f"stopped by {interrupted_by} at step {step}; checkpoint saved. Continue with: "
             f"gpt train --resume --out {out}", file=sys.stderr)
     else:
-        say(f"done: step {step}, best val loss {best_val:.4f}; checkpoint in {out}", file=sys.stderr)
+        say(f"done: step {step}, kept weights' val loss {best_val:.4f}; checkpoint in {out}", file=sys.stderr)
     return RunResult(step, best_val, interrupted_by)
 
 
