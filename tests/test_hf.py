@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from cli_helpers import gpt_in_process
+from cli_helpers import fingerprint, gpt_in_process
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -357,6 +357,20 @@ def test_import_refuses_a_lossy_tokenizer_and_other_models(tiny_run, tmp_path):
     result = gpt_in_process("import", "--from", str(source), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and result.stderr.startswith("gpt: error: model_type 'llama' is not supported")
     assert result.stderr.count("\n") == 1
+
+
+def test_a_folder_given_to_the_wrong_command_says_what_it_is(tiny_run, tmp_path):
+    exported = tmp_path / "hf"
+    assert gpt_in_process("export", "--checkpoint", str(tiny_run), "--out", str(exported)).returncode == 0
+    before = fingerprint(tiny_run, exported)
+    for command in (["eval", "--checkpoint", str(exported)], ["generate", "--checkpoint", str(exported)]):
+        result = gpt_in_process(*command)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "is a transformers model folder" in result.stderr and "gpt import --from" in result.stderr
+    result = gpt_in_process("import", "--from", str(tiny_run), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "is already a gpt checkpoint" in result.stderr
+    assert fingerprint(tiny_run, exported) == before and not (tmp_path / "out").exists()
 
 
 def test_export_refuses_what_transformers_cannot_hold(tiny_run, tmp_path):

@@ -114,6 +114,9 @@ def read_config(folder: Path) -> dict:
     except (ValueError, UnicodeDecodeError) as err:
         raise UsageError(f"{path} is not valid JSON ({err}); the checkpoint is damaged") from None
     found = info.get("format_version")
+    if found is None and "model_type" in info:
+        raise UsageError(f"{folder} is a transformers model folder ({info['model_type']}), not a gpt checkpoint: "
+                         f"convert it first with gpt import --from {folder} --out FOLDER")
     if isinstance(found, int) and not isinstance(found, bool) and found > FORMAT_VERSION:
         raise UsageError(f"{path} has format version {found}, newer than this wonderland-gpt reads "
                          f"({FORMAT_VERSION}); upgrade it: pip install -U wonderland-gpt")

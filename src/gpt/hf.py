@@ -334,12 +334,15 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if not (hf_dir / "config.json").is_file():
         raise UsageError(f"{hf_dir / 'config.json'} not found; pass a transformers model folder to --from")
-    transformers = require_transformers()
     try:
         raw = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
         model_type = raw.get("model_type") if isinstance(raw, dict) else None
     except (ValueError, UnicodeDecodeError) as err:
         raise UsageError(f"{hf_dir / 'config.json'} is not valid JSON ({err}); the folder is damaged") from None
+    if model_type is None and isinstance(raw, dict) and "format_version" in raw:
+        raise UsageError(f"{hf_dir} is already a gpt checkpoint: use it as it is (gpt generate --checkpoint "
+                         f"{hf_dir}); gpt import reads transformers folders")
+    transformers = require_transformers()
     if model_type not in MODEL_TYPES:
         raise UsageError(f"model_type {model_type!r} is not supported; gpt import reads GPT2LMHeadModel (gpt2), "
                          "OpenAIGPTLMHeadModel (openai-gpt) and post-LN OPTForCausalLM (opt) folders")
