@@ -3,13 +3,15 @@
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them (or with one process and no FSDP) the
 model is used as it is and every function here is a no-op. Rank 0 prepares the data, logs and saves;
 every rank computes its share of each batch. Checkpoints always hold full, unsharded tensors, so a run
-saved by N processes resumes on M. Backend: nccl on CUDA, gloo on CPU.
+saved by N processes resumes on M. Backend: nccl on CUDA, gloo on CPU. Stopping is by signal
+(StopSignals), which the ranks agree on at step boundaries.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -167,3 +169,29 @@ def _optimizer_by_index(state: dict, order: list[str]) -> dict:
 def _optimizer_by_name(state: dict, order: list[str]) -> dict:
     groups = [dict(g, params=[order[i] for i in g["params"]]) for g in state["param_groups"]]
     return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the loop to stop after the current step; the same signal again stops at once.
+
+    (Ctrl-C under torchrun delivers SIGINT, then the launcher's SIGTERM: that still saves.)
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received == name:
+            raise KeyboardInterrupt
+        self.received = self.received or name
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

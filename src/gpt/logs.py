@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gpt.checkpoint import atomic_write
+from gpt.evaluate import Score
 
 
 def format_seconds(seconds: float) -> str:
@@ -26,6 +27,16 @@ def log_batch(loss: float, start: float, epoch_index: int, total_epochs: int, ba
     remaining = elapsed / done * (total_epochs * total_batches - done)
     print(f"epoch {epoch_index + 1}/{total_epochs} | batch {batch_index + 1}/{total_batches} | "
           f"loss {loss:.4f} | {format_seconds(elapsed)} elapsed | ETA {format_seconds(remaining)}")
+
+
+def run_banner(parameters: int, train_tokens: int, val_tokens: int, copies: int, bpe_dropout: float, device: str,
+               unigram: Score | None, peak: object | None) -> str:
+    """The run's first line: what is trained on what, and the unigram score as the floor any model must beat."""
+    copies_note = f" ({copies} tokenizations, BPE dropout {bpe_dropout})" if copies > 1 else ""
+    return (f"{parameters / 1e6:.2f}M parameters | {train_tokens:,} training tokens{copies_note}, "
+            f"{val_tokens:,} validation tokens | device {device}"
+            + (f" | a unigram model scores val loss {unigram.loss:.3f} ({unigram.bits_per_char:.3f} bits/char)"
+               if unigram else "") + (f" | MFU against {peak}" if peak else ""))
 
 
 class Progress:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from gpt.config import ModelConfig, TrainConfig, UsageError, first_line
 from gpt.dataset import WindowSampler
 from gpt.evaluate import Score, score_from_counts, total_nats, unigram_score
 from gpt.hardware import autocast_dtype, choose_device, compiles, peak_flops
-from gpt.logs import MetricsLog, Progress, plot_losses
+from gpt.logs import MetricsLog, Progress, plot_losses, run_banner
 from gpt.memory import fits
 from gpt.model import GPT, lm_loss
 from gpt.runfolder import (
@@ -90,32 +89,6 @@ def learning_rate(step: int, progress: float, config: TrainConfig) -> float:
     warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return config.learning_rate * warmup * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
-
-
-class StopSignals:
-    """SIGINT and SIGTERM ask the loop to stop after the current step; the same signal again stops at once.
-
-    (Ctrl-C under torchrun delivers SIGINT, then the launcher's SIGTERM: that still saves.)
-    """
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.received == name:
-            raise KeyboardInterrupt
-        self.received = self.received or name
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def replaces_kept(val_loss: float | None, mixed_bits: float | None, kept_loss: float, kept_mixed: float) -> bool:
@@ -223,13 +196,9 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     if world.is_main:
         unigram = unigram_score(splits.train, splits.val, splits.val_text, eot, model_config.vocab_size) \
             if splits.val_text else None
-        copies = f" ({splits.copies} tokenizations, BPE dropout {train_config.bpe_dropout})" \
-            if splits.copies > 1 else ""
-        say(f"{model.num_params() / 1e6:.2f}M parameters | {len(splits.train):,} training tokens{copies}, "
-            f"{len(splits.val):,} validation tokens | device {device}{' bf16' if low_precision else ''}"
-            f"{' compiled' if compiled else ''}"
-            + (f" | a unigram model scores val loss {unigram.loss:.3f} ({unigram.bits_per_char:.3f} bits/char)"
-               if unigram else "") + (f" | MFU against {peak}" if peak else ""), file=sys.stderr)
+        say(run_banner(model.num_params(), len(splits.train), len(splits.val), splits.copies, train_config.bpe_dropout,
+                       f"{device}{' bf16' if low_precision else ''}{' compiled' if compiled else ''}", unigram, peak),
+            file=sys.stderr)
     if world.size > 1 or accum > 1:
         say(f"global batch {global_batch} windows = {micro} per micro-step x {accum} micro-steps x "
             f"{world.size} processes{' (FSDP)' if world.fsdp else ''}", file=sys.stderr)
@@ -318,7 +287,7 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     model.train()
     started = time.perf_counter() - elapsed
     window_start, window_steps, val_loss, stopping = time.perf_counter(), 0, None, False
-    with StopSignals() as stop, metrics or contextlib.nullcontext(), bar:
+    with distributed.StopSignals() as stop, metrics or contextlib.nullcontext(), bar:
         finished = progress() >= 1.0
         while not finished and not stopping:
             lr = learning_rate(step, progress(), train_config)
