@@ -1,0 +1,58 @@
+"""What the memory of the training text costs when sampling: a checkpoint's 200-token sample with its memory
+against the same network alone.
+
+    python benchmarks/memory_generation.py CHECKPOINT [--new-tokens 200] [--rounds 5]
+
+Both decode from the same prompt ("Alice was beginning") at temperature 0.8 with the same seed, through
+GPT.generate and its KV cache; the memory adds, per token, the neighbours' distribution over every stored
+position and the n-gram counts. The runs alternate, several rounds; the table gives each one's best round
+(the least disturbed by background load) and the ratio. The issue's bound: at most 2.5x the network alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from gpt.checkpoint import load_checkpoint
+
+
+def seconds_to_sample(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    generator = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(prompt, new_tokens, temperature=0.8, generator=generator)
+    assert out.size(1) == prompt.size(1) + new_tokens
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    checkpoint = load_checkpoint(args.checkpoint)
+    model, memory = checkpoint.model, checkpoint.model.memory
+    if memory is None:
+        raise SystemExit(f"{args.checkpoint} has no memory of its training text: nothing to compare")
+    prompt = torch.tensor([checkpoint.tokenizer.encode("Alice was beginning").ids])
+    best = {"with the memory": float("inf"), "network alone": float("inf")}
+    for _ in range(args.rounds):
+        for name in best:
+            model.memory = memory if name == "with the memory" else None
+            best[name] = min(best[name], seconds_to_sample(model, prompt, args.new_tokens))
+    machine = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine}, "
+          f"{len(memory):,} memory positions, {args.new_tokens} new tokens, best of {args.rounds} rounds")
+    print("| run | seconds | tokens/s |\n|---|---|---|")
+    for name, seconds in best.items():
+        print(f"| {name} | {seconds:.3f} | {args.new_tokens / seconds:.0f} |")
+    print(f"with the memory / network alone: {best['with the memory'] / best['network alone']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
