@@ -101,7 +101,7 @@ def test_long_line_is_encoded_in_pieces_with_the_same_ids(alice_text):
 
 @pytest.mark.slow
 def test_a_10_mb_single_line_trains(tmp_path, alice_text):
-    """No line break in 10 MB: encoded piece by piece, it trains (the 50 MB figures are in the README)."""
+    """No line break in 10 MB: encoded piece by piece, it trains (the 50 MB figures are in docs/bad-input.md)."""
     line = alice_text.replace("\n", " ")
     text = (line * (10_000_000 // len(line) + 1))[:10_000_000]
     data, config = tmp_path / "one_line.txt", tmp_path / "small_val.toml"
