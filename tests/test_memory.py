@@ -28,18 +28,20 @@ def small_config(**changes) -> ModelConfig:
     return config
 
 
-def test_memory_distribution_is_the_softmax_of_distances_summed_per_token():
+@pytest.mark.parametrize("queries_at_once", [1, 5, 300])  # a decoding step, a few rows, more than a chunk
+def test_memory_distribution_is_the_softmax_of_distances_summed_per_token(queries_at_once):
     torch.manual_seed(0)
     config = small_config(embed_dim=8, vocab_size=6)
-    keys, values = torch.randn(40, 8), torch.randint(0, 6, (40,))
+    keys, values = torch.randn(41, 8), torch.randint(0, 6, (41,))  # 41: the scan pads the rows
     memory = Memory(keys, values, values, config)
-    queries = torch.randn(5, 8)
+    assert len(memory) == 41 and torch.equal(memory.keys, keys)
+    queries = torch.randn(queries_at_once, 8)
     probs = memory.probs(queries)
     for q, row in zip(queries, probs):
         weights = torch.softmax(-((keys - q) ** 2).sum(-1) / config.memory_temperature, 0)
         expected = torch.zeros(6).index_add_(0, values, weights)
         torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(probs.sum(-1), torch.ones(5))
+    assert torch.allclose(probs.sum(-1), torch.ones(queries_at_once))
 
 
 def test_mixture_is_a_distribution_with_the_configured_shares():

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from gpt.config import ModelConfig
+from gpt.decoding import linear
 from gpt.evaluate import checked_stride, window_batches
 from gpt.ngram import NGram, token_contexts
 
@@ -37,14 +38,22 @@ if TYPE_CHECKING:
 
 MEMORY_MAX_BYTES = 256 * 2**20  # fp16 keys; beyond this a text is long enough that the network alone suffices
 QUERY_CHUNK = 256  # queries scored at once: QUERY_CHUNK x keys floats of scratch memory
+SCAN_BLOCKS = 64  # the key rows divide into 2 blocks per thread for up to 32 threads (decoding.row_blocks_of)
 
 
 class Memory:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, text: torch.Tensor, config: ModelConfig,
                  device="cpu"):
-        self.keys = keys.to(device, torch.float32)  # (N, E)
-        self.key_norms = (self.keys**2).sum(-1)  # (N,)
+        # the keys as decoding.linear scans them: rows padded to a multiple of SCAN_BLOCKS, each padding key
+        # infinitely far from every query (weight 0), so a single query's distances run on every thread
+        pad = -len(keys) % SCAN_BLOCKS
+        self.scanned = torch.zeros(len(keys) + pad, keys.size(1), device=device)  # (N + pad, E)
+        self.scanned[: len(keys)] = keys
+        self.keys = self.scanned[: len(keys)]  # (N, E)
+        norms = (self.keys**2).sum(-1)
+        self.key_norms = torch.cat([norms, torch.full((pad,), math.inf, device=device)])  # (N + pad,)
         self.values = values.to(device, torch.int64)  # (N,)
+        self.scanned_values = torch.cat([self.values, self.values.new_zeros(pad)])  # (N + pad,)
         self.text = text.to(torch.int64)  # the plain training tokens the keys were read from
         self.weight = config.memory_weight  # in (0, 1): load_memory and the trainer build none at 0
         self.temperature = config.memory_temperature
@@ -61,10 +70,10 @@ class Memory:
         hidden = hidden.float().to(self.keys.device)
         chunks = []
         for part in hidden.split(QUERY_CHUNK):
-            distances = (part**2).sum(-1, keepdim=True) - 2 * part @ self.keys.T + self.key_norms  # (n, N)
+            distances = (part**2).sum(-1, keepdim=True) - 2 * linear(part, self.scanned) + self.key_norms  # (n, N')
             weights = torch.softmax(-distances / self.temperature, dim=-1)
             by_token = torch.zeros(self.vocab_size, len(part), device=part.device)
-            chunks.append(by_token.index_add_(0, self.values, weights.T).T)  # (n, vocab): weights summed per value
+            chunks.append(by_token.index_add_(0, self.scanned_values, weights.T).T)  # (n, vocab): summed per value
         return torch.cat(chunks)
 
     def contexts(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
