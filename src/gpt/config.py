@@ -184,9 +184,9 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(
         model=dict(dropout=0.0, attention_dropout=0.0, memory_weight=0.45, memory_temperature=120.0,
                    memory_ngram_weight=0.2, memory_ngram_order=4),
-        train=dict(bpe_dropout=0.07, bpe_copies=20, eval_interval=180),
-        about="6 layers, 512 wide, 64-token context, BPE dropout, a memory of the training text (neighbours and "
-              "n-gram counts): the default, "
+        train=dict(bpe_dropout=0.07, bpe_copies=20, retyped_copies=0.5, eval_interval=180),
+        about="6 layers, 512 wide, 64-token context, BPE dropout, half the copies in other typographies, "
+              "a memory of the training text (neighbours and n-gram counts): the default, "
               "tuned for 10 minutes on a laptop CPU",
     ),
     "seed": Preset(
