@@ -32,6 +32,11 @@ TOMLS = {
     "stride.toml": "[train]\neval_stride = 64\n",
     "arch.toml": "[model]\narch = \"gpt3\"\n",
     "layers.toml": "[model]\nnum_layers = 3\n",
+    "huge_layers.toml": "[model]\nnum_layers = 1000000000\n",
+    "huge_embed.toml": "[model]\nembed_dim = 1048576\nnum_heads = 1\n",
+    "huge_context.toml": "[model]\nsequence_len = 1000000000\n",
+    "huge_batch.toml": "[train]\nbatch_size = 1000000000\n",
+    "huge_vocab.toml": "[train]\ntokenizer_vocab_size = 4000000000\n",
 }
 
 # name: (arguments after `gpt train`, words the error line must contain); {u} is the user's folder
@@ -73,6 +78,12 @@ CASES = {
     "resume_without_state": (["--resume", "--out", "{u}/no_state"], ["no training state", "without --resume"]),
     "resume_another_shape": (["--resume", "--preset", "tiny", "--config", "{u}/layers.toml", "--out", "{u}/run"],
                              ["differs", "new --out"]),
+    # absurd but valid sizes: refused by gpt.preflight's memory estimate before anything is allocated or written
+    "huge_layers": (["--preset", "tiny", "--config", "{u}/huge_layers.toml"], ["GB of memory", "model.num_layers"]),
+    "huge_embed": (["--preset", "tiny", "--config", "{u}/huge_embed.toml"], ["GB available", "model.embed_dim"]),
+    "huge_context": (["--preset", "tiny", "--config", "{u}/huge_context.toml"], ["lower model.sequence_len"]),
+    "huge_batch": (["--preset", "tiny", "--config", "{u}/huge_batch.toml"], ["lower train.batch_size"]),
+    "huge_vocab": (["--preset", "tiny", "--config", "{u}/huge_vocab.toml"], ["lower train.tokenizer_vocab_size"]),
     "resume_finished_run": (["--resume", "--out", "{u}/run"], ["already reached its limit", "--max-steps"]),
 }
 if not torch.cuda.is_available():

@@ -30,10 +30,12 @@ def log_batch(loss: float, start: float, epoch_index: int, total_epochs: int, ba
 
 
 def run_banner(parameters: int, train_tokens: int, val_tokens: int, copies: int, bpe_dropout: float, device: str,
-               unigram: Score | None, peak: object | None) -> str:
-    """The run's first line: what is trained on what, and the unigram score as the floor any model must beat."""
+               unigram: Score | None, peak: object | None, estimated_bytes: int | None = None) -> str:
+    """The run's first line: what is trained on what, the memory estimate the run was checked against
+    (gpt.preflight), and the unigram score as the floor any model must beat."""
     copies_note = f" ({copies} tokenizations, BPE dropout {bpe_dropout})" if copies > 1 else ""
-    return (f"{parameters / 1e6:.2f}M parameters | {train_tokens:,} training tokens{copies_note}, "
+    estimate = f" (~{estimated_bytes / 1e9:.2f} GB estimated)" if estimated_bytes else ""
+    return (f"{parameters / 1e6:.2f}M parameters{estimate} | {train_tokens:,} training tokens{copies_note}, "
             f"{val_tokens:,} validation tokens | device {device}"
             + (f" | a unigram model scores val loss {unigram.loss:.3f} ({unigram.bits_per_char:.3f} bits/char)"
                if unigram else "") + (f" | MFU against {peak}" if peak else ""))

@@ -37,6 +37,7 @@ from gpt.hardware import autocast_dtype, choose_device, compiles, peak_flops
 from gpt.logs import MetricsLog, Progress, plot_losses, run_banner
 from gpt.memory import fits
 from gpt.model import GPT, lm_loss
+from gpt.preflight import check_training
 from gpt.runfolder import (
     EndCosts,
     load_initial,
@@ -130,20 +131,22 @@ def train(
     if not resume and not overwrite and (out / WEIGHTS_FILE).exists():
         raise UsageError(f"--out {out} already holds a trained model; continue it with --resume, train into a new "
                          "--out folder, or pass --overwrite to replace it")
+    vocab = model_config.vocab_size if resume or init_from is not None else train_config.tokenizer_vocab_size
+    estimate = check_training(model_config, train_config, vocab, choose_device(train_config.device))
     initial = None if init_from is None else load_initial(init_from, model_config, out, resume)
     if initial is not None:
         train_config.tokenizer_vocab_size = initial.tokenizer.get_vocab_size()
     world, device = distributed.start(choose_device(train_config.device), train_config.fsdp)
     try:
         return _train(model_config, train_config, out, data, resume, show_progress and world.is_main, world, device,
-                      initial, init_from)
+                      initial, init_from, estimate)
     finally:
         distributed.stop(world)
 
 
 def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool,
            show_progress: bool, world: distributed.World, device: torch.device,
-           initial: Checkpoint | None, init_from: str | Path | None) -> RunResult:
+           initial: Checkpoint | None, init_from: str | Path | None, estimate: int) -> RunResult:
     failure = None
     if world.is_main:
         created = prepare_output(out)
@@ -197,7 +200,8 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
         unigram = unigram_score(splits.train, splits.val, splits.val_text, eot, model_config.vocab_size) \
             if splits.val_text else None
         say(run_banner(model.num_params(), len(splits.train), len(splits.val), splits.copies, train_config.bpe_dropout,
-                       f"{device}{' bf16' if low_precision else ''}{' compiled' if compiled else ''}", unigram, peak),
+                       f"{device}{' bf16' if low_precision else ''}{' compiled' if compiled else ''}", unigram, peak,
+                       estimate),
             file=sys.stderr)
     if world.size > 1 or accum > 1:
         say(f"global batch {global_batch} windows = {micro} per micro-step x {accum} micro-steps x "
