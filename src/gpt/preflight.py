@@ -59,8 +59,9 @@ def training_parts(model_config: ModelConfig, train_config: TrainConfig, vocab_s
 
 def available_memory(device: torch.device) -> int | None:
     """Free memory of the device: the GPU's from CUDA, else the RAM the OS says is available."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # under torchrun, this rank's GPU: a context on GPU 0 for every rank would cost it
+        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
+        return torch.cuda.mem_get_info(index)[0]
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

@@ -132,11 +132,12 @@ def train(
         raise UsageError(f"--out {out} already holds a trained model; continue it with --resume, train into a new "
                          "--out folder, or pass --overwrite to replace it")
     vocab = model_config.vocab_size if resume or init_from is not None else train_config.tokenizer_vocab_size
-    estimate = check_training(model_config, train_config, vocab, choose_device(train_config.device))
+    device = choose_device(train_config.device)
+    estimate = check_training(model_config, train_config, vocab, device)
     initial = None if init_from is None else load_initial(init_from, model_config, out, resume)
     if initial is not None:
         train_config.tokenizer_vocab_size = initial.tokenizer.get_vocab_size()
-    world, device = distributed.start(choose_device(train_config.device), train_config.fsdp)
+    world, device = distributed.start(device, train_config.fsdp)
     try:
         return _train(model_config, train_config, out, data, resume, show_progress and world.is_main, world, device,
                       initial, init_from, estimate)
