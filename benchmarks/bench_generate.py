@@ -9,8 +9,8 @@ pre-LN block (arch "gpt2") and our default exact GELU, the same computation as G
 `activation_function="gelu"`. Each run decodes greedily from a random
 16-token prompt for 256 new tokens, end-of-text disabled on both sides, so both do the same work:
 
-    ours, KV cache      model.generate(prompt, 256, temperature=0)
-    ours, no cache      model.generate(prompt, 256, temperature=0, use_cache=False): a full forward per token
+    ours, KV cache      Predictor(model).generate(prompt, 256, temperature=0)
+    ours, no cache      Predictor(model).generate(prompt, 256, temperature=0, use_cache=False): a full forward per token
     transformers        model.generate(prompt, max_new_tokens=256, min_new_tokens=256, do_sample=False,
                                        use_cache=True)   (and use_cache=False)
 
@@ -31,6 +31,7 @@ import torch
 
 from gpt.config import ModelConfig
 from gpt.model import GPT
+from gpt.predictor import Predictor
 
 try:
     import transformers
@@ -58,10 +59,11 @@ def runners(ours: GPT, theirs: GPT2LMHeadModel) -> dict[str, Callable[[torch.Ten
         return lambda prompt, n: theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                                  min_new_tokens=n, do_sample=False, use_cache=use_cache)
 
+    predictor = Predictor(ours)
     return {
-        "ours, KV cache": lambda prompt, n: ours.generate(prompt, n, temperature=0),
+        "ours, KV cache": lambda prompt, n: predictor.generate(prompt, n, temperature=0),
         "transformers, cache": hf(True),
-        "ours, no cache": lambda prompt, n: ours.generate(prompt, n, temperature=0, use_cache=False),
+        "ours, no cache": lambda prompt, n: predictor.generate(prompt, n, temperature=0, use_cache=False),
         "transformers, no cache": hf(False),
     }
 

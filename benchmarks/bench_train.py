@@ -9,12 +9,12 @@ downloads): our `gpt.model.GPT` (arch "gpt1", the default exact GELU), `OpenAIGP
 `GPT2LMHeadModel` (each with its tanh GELU, the only one OpenAIGPTLMHeadModel has), all with the
 same vocabulary, context, layers, heads, width, 4x MLP, no dropout and layer-norm epsilon 1e-5. One step is:
 forward on T tokens, cross-entropy on T next-token targets (logits cast to fp32), backward, gradient clipping
-at 1.0, AdamW step, zero_grad. Ours uses `model.loss` and `gpt.train.make_optimizer`; the transformers models
+at 1.0, AdamW step, zero_grad. Ours uses `model.loss` and `gpt.optim.make_optimizer`; the transformers models
 use `model(input_ids=x).logits` + `F.cross_entropy` (not `labels=`, which shifts and would score T-1 targets)
 and a `torch.optim.AdamW` with the same learning rate, betas, eps, weight-decay split and fused flag.
 
 A fourth contender (skip it with --no-compile) is our model as `gpt train --compile` runs it: the same weights
-through `gpt.train.compile_step` (torch.compile; on one GPU with CUDA graphs), the loss taken as the trainer
+through `gpt.hardware.compile_step` (torch.compile; on one GPU with CUDA graphs), the loss taken as the trainer
 takes it. Its first warm-up step waits for the compiler; that time is printed, not counted in tokens/s. The
 transformers models run eager, as a plain transformers training script does.
 
@@ -54,8 +54,9 @@ import torch.nn.functional as F
 
 from gpt.config import ModelConfig, TrainConfig
 from gpt.distributed import World
+from gpt.hardware import compile_step
 from gpt.model import GPT, lm_loss
-from gpt.train import compile_step, make_optimizer
+from gpt.optim import make_optimizer
 
 try:
     import transformers

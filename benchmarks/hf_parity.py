@@ -7,7 +7,7 @@ Exports the checkpoint to a temporary folder, loads it with AutoModelForCausalLM
 the max abs logits difference on random token windows and on full windows of the validation text; the same
 difference with transformers' activation swapped for the other GELU (exact for tanh, tanh for exact), a
 mapping error the check must catch; and whether greedy generation from <|endoftext|> + prompt gives the
-same tokens in both (our `GPT.generate(temperature=0)` against `generate(do_sample=False)`, prompt + new
+same tokens in both (our `Predictor(network).generate(temperature=0)` against `generate(do_sample=False)`, prompt + new
 tokens within the context).
 """
 
@@ -22,9 +22,9 @@ import torch.nn as nn
 import transformers
 
 from gpt.checkpoint import load_checkpoint
-from gpt.corpus import load_documents
-from gpt.dataset import split_documents
+from gpt.corpus import load_documents, split_documents
 from gpt.hf import export_checkpoint
+from gpt.predictor import Predictor
 from gpt.tokenizer import EOT, encode
 
 
@@ -40,7 +40,6 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=50)
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.checkpoint)
-    checkpoint.model.memory = None  # the export is the network alone; generate would mix the memory in
     config, tokenizer = checkpoint.model_config, checkpoint.tokenizer
     window, eot = config.sequence_len, tokenizer.token_to_id(EOT)
     val = split_documents(load_documents(checkpoint.info.get("data", "alice")), checkpoint.train_config.val_fraction)[1]
@@ -54,7 +53,8 @@ def main() -> None:
                   "validation_text": max_diff(checkpoint.model, model, real)}
         context = torch.tensor([[eot] + encode(tokenizer, args.prompt)])
         steps = min(args.new_tokens, window - context.size(1) + 1)
-        ours = checkpoint.model.generate(context, steps, temperature=0)[0, context.size(1) :].tolist()
+        network = Predictor(checkpoint.model)  # the export is the network alone, without the memory
+        ours = network.generate(context, steps, temperature=0)[0, context.size(1) :].tolist()
         theirs = model.generate(context, attention_mask=torch.ones_like(context), max_new_tokens=steps,
                                 do_sample=False)[0, context.size(1) :].tolist()
         ours = ours[: ours.index(eot) + 1] if eot in ours else ours  # transformers stops after <|endoftext|>

@@ -8,8 +8,8 @@ import resource
 import sys
 import time
 
-from gpt.corpus import load_documents
-from gpt.dataset import prepare_splits, split_documents
+from gpt.corpus import load_documents, split_documents
+from gpt.dataset import prepare_splits
 from gpt.tokenizer import train_tokenizer
 
 

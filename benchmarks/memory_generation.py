@@ -4,7 +4,7 @@ against the same network alone.
     python benchmarks/memory_generation.py CHECKPOINT [--new-tokens 200] [--rounds 5]
 
 Both decode from the same prompt ("Alice was beginning") at temperature 0.8 with the same seed, through
-GPT.generate and its KV cache; the memory adds, per token, the neighbours' distribution over every stored
+Predictor.generate and its KV cache; the memory adds, per token, the neighbours' distribution over every stored
 position and the n-gram counts. The runs alternate, several rounds; the table gives each one's best round
 (the least disturbed by background load) and the ratio. The issue's bound: at most 2.5x the network alone.
 """
@@ -18,13 +18,14 @@ import time
 import torch
 
 from gpt.checkpoint import load_checkpoint
+from gpt.predictor import Predictor
 
 
-def seconds_to_sample(model, prompt: torch.Tensor, new_tokens: int) -> float:
+def seconds_to_sample(predictor: Predictor, prompt: torch.Tensor, new_tokens: int) -> float:
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(prompt, new_tokens, temperature=0.8, generator=generator)
+        out = predictor.generate(prompt, new_tokens, temperature=0.8, generator=generator)
     assert out.size(1) == prompt.size(1) + new_tokens
     return time.perf_counter() - started
 
@@ -36,15 +37,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.checkpoint)
-    model, memory = checkpoint.model, checkpoint.model.memory
+    memory = checkpoint.memory
     if memory is None:
         raise SystemExit(f"{args.checkpoint} has no memory of its training text: nothing to compare")
     prompt = torch.tensor([checkpoint.tokenizer.encode("Alice was beginning").ids])
-    best = {"with the memory": float("inf"), "network alone": float("inf")}
+    predictors = {"with the memory": checkpoint.predictor, "network alone": Predictor(checkpoint.model)}
+    best = dict.fromkeys(predictors, float("inf"))
     for _ in range(args.rounds):
-        for name in best:
-            model.memory = memory if name == "with the memory" else None
-            best[name] = min(best[name], seconds_to_sample(model, prompt, args.new_tokens))
+        for name, predictor in predictors.items():
+            best[name] = min(best[name], seconds_to_sample(predictor, prompt, args.new_tokens))
     machine = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine}, "
           f"{len(memory):,} memory positions, {args.new_tokens} new tokens, best of {args.rounds} rounds")

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from gpt.checkpoint import load_checkpoint
 from gpt.config import DEFAULT_PRESET, apply_overrides, parse_duration, preset
-from gpt.corpus import load_documents
-from gpt.dataset import split_documents
+from gpt.corpus import load_documents, split_documents
 from gpt.evaluate import evaluate_documents
 from gpt.logs import read_metrics
 from gpt.train import train
@@ -42,7 +41,7 @@ def run(name: str, overrides: dict, seconds: float, out: Path) -> dict:
     train(model_config, train_config, out / name, show_progress=False)
     checkpoint = load_checkpoint(out / name)
     val_text = split_documents(load_documents(), train_config.val_fraction)[1]
-    score = evaluate_documents(checkpoint.model, checkpoint.tokenizer, val_text)
+    score = evaluate_documents(checkpoint.predictor, checkpoint.tokenizer, val_text)
     rows = read_metrics(out / name / "metrics.jsonl")
     speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     under_two = next((r["elapsed"] for r in rows if r.get("val_bits_per_char", 9) <= 2.0), None)

@@ -14,21 +14,15 @@ from __future__ import annotations
 import argparse
 
 from gpt.checkpoint import load_checkpoint
-from gpt.corpus import load_documents
-from gpt.dataset import split_documents
+from gpt.corpus import load_documents, split_documents
 from gpt.evaluate import evaluate_documents
 from gpt.typography import ascii_typography
 
 
 def scores(checkpoint, documents: list[str]) -> tuple[float, float]:
     """(bits/char with the checkpoint's memory, of the network alone)."""
-    memory = checkpoint.model.memory
-    mixed = evaluate_documents(checkpoint.model, checkpoint.tokenizer, documents).bits_per_char
-    checkpoint.model.memory = None
-    try:
-        alone = evaluate_documents(checkpoint.model, checkpoint.tokenizer, documents).bits_per_char
-    finally:
-        checkpoint.model.memory = memory
+    mixed = evaluate_documents(checkpoint.predictor, checkpoint.tokenizer, documents).bits_per_char
+    alone = evaluate_documents(checkpoint.model, checkpoint.tokenizer, documents).bits_per_char
     return mixed, alone
 
 

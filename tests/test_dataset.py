@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt.config import UsageError
-from gpt.corpus import load_documents
+from gpt.corpus import load_documents, split_documents
 from gpt.dataset import (
     TokenSplits,
     WindowDataset,
@@ -18,7 +18,6 @@ from gpt.dataset import (
     check_lengths,
     encode_documents,
     prepare_splits,
-    split_documents,
     token_dtype,
     write_tokens,
 )

@@ -138,4 +138,4 @@ def test_validations_with_a_memory_under_torchrun(tmp_path, alice_text, fsdp):
     middle = next(row for row in rows if row["step"] == 20 and "val_loss" in row)
     assert ("val_bits_per_char_with_memory" in middle) is not fsdp
     assert rows[-1]["memory_positions"] > 0
-    assert load_checkpoint(out).model.memory is not None
+    assert load_checkpoint(out).memory is not None

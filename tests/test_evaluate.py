@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt.config import UsageError
-from gpt.dataset import encode_documents
-from gpt.evaluate import Score, evaluate_documents, make_score, total_nats, unigram_score, windows
+from gpt.dataset import encode_documents, windows
+from gpt.evaluate import Score, evaluate_documents, make_score, total_nats, unigram_score
 from gpt.model import GPT
 from gpt.tokenizer import EOT, special_id, train_tokenizer
 

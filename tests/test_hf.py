@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from gpt.checkpoint import load_checkpoint  # noqa: E402
 from gpt.config import ModelConfig, UsageError, preset  # noqa: E402
-from gpt.dataset import split_documents  # noqa: E402
+from gpt.corpus import split_documents  # noqa: E402
 from gpt.evaluate import evaluate_documents  # noqa: E402
 from gpt.hf import MODEL_TYPES, export_checkpoint, hf_config, import_checkpoint, model_type_of, tokenizer_files  # noqa: E402
 from gpt.model import GPT  # noqa: E402

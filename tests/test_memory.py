@@ -9,12 +9,13 @@ from safetensors.torch import save_file
 
 from gpt.checkpoint import MEMORY_FILE, WEIGHTS_FILE, load_checkpoint, load_memory, save_weights, weights_step
 from gpt.config import DEFAULT_PRESET, ModelConfig, TrainConfig, UsageError, preset
-from gpt.corpus import load_documents
-from gpt.dataset import TokenSplits, encode_documents, prepare_splits, split_documents
+from gpt.corpus import load_documents, split_documents
+from gpt.dataset import TokenSplits, encode_documents, prepare_splits
 from gpt.evaluate import total_nats
 from gpt.logs import read_metrics
 from gpt.memory import MEMORY_MAX_BYTES, Memory, build_memory, fits
 from gpt.model import GPT
+from gpt.predictor import Predictor
 from gpt.runfolder import EndCosts, validates_with_memory
 from gpt.tokenizer import EOT, special_id, train_tokenizer
 from gpt.train import run_progress, train
@@ -69,8 +70,8 @@ def test_scoring_with_a_memory_equals_the_mixture_computed_by_hand():
     torch.manual_seed(2)
     model = GPT(config=small_config(memory_ngram_weight=0.2, memory_ngram_order=3)).eval()
     ids = np.random.default_rng(0).integers(2, 50, 40)
-    model.memory = build_memory(model, np.random.default_rng(1).integers(2, 50, 100), ignore_id=1)
-    nats, count = total_nats(model, ids, ignore_id=1, stride=16)
+    memory = build_memory(model, np.random.default_rng(1).integers(2, 50, 100), ignore_id=1)
+    nats, count = total_nats(Predictor(model, memory), ids, ignore_id=1, stride=16)
     expected = 0.0
     x = torch.from_numpy(ids.astype(np.int64))
     with torch.no_grad():
@@ -78,7 +79,7 @@ def test_scoring_with_a_memory_equals_the_mixture_computed_by_hand():
             hidden = model.hidden(x[None, begin:end])[0, -new:]
             contexts = torch.stack([x[max(0, t - 1) : t + 1] if t else torch.tensor([-1, x[0]])
                                     for t in range(end - new, end)])  # the two tokens up to each position
-            log_probs = model.memory.mix(hidden, model.head(hidden), contexts)
+            log_probs = memory.mix(hidden, model.head(hidden), contexts)
             expected -= float(log_probs.gather(1, x[begin + 1 : end + 1][-new:, None]).sum())
     assert count == 39
     assert nats == pytest.approx(expected, rel=1e-5)
@@ -91,9 +92,9 @@ def test_a_memory_of_the_scored_text_predicts_it():
     model = GPT(config=small_config(memory_weight=0.9, memory_temperature=0.1)).eval()
     ids = np.tile(np.random.default_rng(2).permutation(np.arange(2, 50)), 3)
     alone, count = total_nats(model, ids, ignore_id=1)
-    model.memory = build_memory(model, ids, ignore_id=1)
-    assert len(model.memory) == count == len(ids) - 1
-    remembered, _ = total_nats(model, ids, ignore_id=1)
+    memory = build_memory(model, ids, ignore_id=1)
+    assert len(memory) == count == len(ids) - 1
+    remembered, _ = total_nats(Predictor(model, memory), ids, ignore_id=1)
     assert alone / count > 3.0
     assert remembered / count < -math.log(0.9) + 0.05
 
@@ -172,7 +173,7 @@ def test_a_run_ends_with_the_memory_of_its_plain_training_text(memory_run):
     train_docs, val_docs = split_documents(documents, checkpoint.train_config.val_fraction)
     eot = special_id(checkpoint.tokenizer, EOT)
     train_ids = encode_documents(checkpoint.tokenizer, train_docs)
-    memory = checkpoint.model.memory
+    memory = checkpoint.memory
     assert memory is not None and len(memory) == int((train_ids[1:] != eot).sum())
     assert sorted(memory.values.tolist()) == sorted(train_ids[1:][train_ids[1:] != eot].tolist())
     assert memory.ngram is not None and memory.text.tolist() == train_ids.tolist()
@@ -182,11 +183,10 @@ def test_a_run_ends_with_the_memory_of_its_plain_training_text(memory_run):
     middle = next(r for r in rows if r["step"] == 20 and "val_loss" in r)
     assert "val_bits_per_char_with_memory" not in middle  # the text is long next to 20 steps: no memory mid-run
     val_ids = encode_documents(checkpoint.tokenizer, val_docs)
-    nats, _ = total_nats(checkpoint.model, val_ids, eot)
+    nats, _ = total_nats(checkpoint.predictor, val_ids, eot)
     chars = sum(map(len, val_docs))
     assert nats / (chars * math.log(2)) == pytest.approx(row["val_bits_per_char_with_memory"], abs=1e-5)
-    checkpoint.model.memory = None
-    nats, _ = total_nats(checkpoint.model, val_ids, eot)
+    nats, _ = total_nats(checkpoint.model, val_ids, eot)  # the network alone
     assert nats / (chars * math.log(2)) == pytest.approx(row["val_bits_per_char_network"], abs=1e-5)
 
 
@@ -215,9 +215,9 @@ def test_validations_during_a_run_score_with_a_memory_of_the_weights_they_valida
     train_docs, val_docs = split_documents(load_documents(text), checkpoint.train_config.val_fraction)
     eot = special_id(checkpoint.tokenizer, EOT)
     model = checkpoint.model
-    model.memory = build_memory(model, encode_documents(checkpoint.tokenizer, train_docs), eot,
-                                stride=model.config.sequence_len)
-    nats, _ = total_nats(model, encode_documents(checkpoint.tokenizer, val_docs), eot)
+    memory = build_memory(model, encode_documents(checkpoint.tokenizer, train_docs), eot,
+                          stride=model.config.sequence_len)
+    nats, _ = total_nats(Predictor(model, memory), encode_documents(checkpoint.tokenizer, val_docs), eot)
     chars = sum(map(len, val_docs))
     assert nats / (chars * math.log(2)) == pytest.approx(middle["val_bits_per_char_with_memory"], abs=1e-5)
 
@@ -257,9 +257,9 @@ def test_a_memory_of_other_weights_is_not_used(memory_run, tmp_path):
     checkpoint = load_checkpoint(memory_run)
     for name in ("config.json", "tokenizer.json", WEIGHTS_FILE, MEMORY_FILE):
         (tmp_path / name).write_bytes((memory_run / name).read_bytes())
-    assert load_checkpoint(tmp_path).model.memory is not None
+    assert load_checkpoint(tmp_path).memory is not None
     save_weights(tmp_path, checkpoint.model, {"step": "39", "val_loss": "1.0"})
-    assert load_checkpoint(tmp_path).model.memory is None
+    assert load_checkpoint(tmp_path).memory is None
 
 
 def test_a_damaged_or_mismatched_memory_is_one_clear_error(memory_run, tmp_path):
@@ -280,15 +280,16 @@ def test_a_damaged_or_mismatched_memory_is_one_clear_error(memory_run, tmp_path)
 
 
 def test_generation_follows_the_mixture_with_and_without_the_cache(memory_run):
-    model = load_checkpoint(memory_run).model
+    predictor = load_checkpoint(memory_run).predictor
+    model, memory = predictor.network, predictor.memory
     prompt = torch.tensor([[1, 40, 41, 42]])
-    greedy = model.generate(prompt, 20, top_k=1)
-    assert torch.equal(greedy, model.generate(prompt, 20, top_k=1, use_cache=False))
+    greedy = predictor.generate(prompt, 20, top_k=1)
+    assert torch.equal(greedy, predictor.generate(prompt, 20, top_k=1, use_cache=False))
     differs = 0
     with torch.no_grad():
         for t in range(prompt.size(1), greedy.size(1)):  # within the context: no sliding window
             hidden = model.hidden(greedy[:, :t])[:, -1]
-            mixture = model.memory.mix(hidden, model.head(hidden), model.memory.contexts(greedy[:, :t])[:, -1])
+            mixture = memory.mix(hidden, model.head(hidden), memory.contexts(greedy[:, :t])[:, -1])
             assert int(greedy[0, t]) == int(mixture.argmax())
             differs += int(mixture.argmax()) != int(model.head(hidden).argmax())
     assert differs > 0  # the memory changed what greedy decoding picks

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig, UsageError
-from gpt.model import GPT, DecodePlan, Decoder, KVCache, linear
+from gpt.decoding import DecodePlan, decode_step, linear
+from gpt.model import GPT, KVCache
+from gpt.predictor import Decoder, Predictor
 from gpt.sampling import SamplingParams
 
 ARCHS = ["gpt1", "gpt2"]
@@ -68,7 +70,7 @@ def test_decode_plan_steps_equal_forward_and_follow_new_weights(threads, arch):
             model(x[:, :4], None, cache)
             plan = DecodePlan(model, rows=2)
             for t in range(4, 10):
-                stepped = model.decode_step(x[:, t], cache, plan)
+                stepped = decode_step(model, x[:, t], cache, plan)
                 assert (stepped - model(x[:, : t + 1])[:, -1]).abs().max() <= 1e-4, (change, t)
     finally:
         torch.set_num_threads(before)
@@ -143,7 +145,7 @@ def test_activation_choice_reaches_forward_and_cached_decoding():
         for model in (exact, approx):
             cache = KVCache(model.config, 2, "cpu", torch.float32)
             model.hidden(ids[:, :-1], cache=cache)
-            torch.testing.assert_close(model.decode_step(ids[:, -1], cache), model(ids)[:, -1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(decode_step(model, ids[:, -1], cache), model(ids)[:, -1], atol=1e-5, rtol=0)
     with pytest.raises(UsageError, match="model.activation must be one of gelu, gelu_tanh"):
         ModelConfig(activation="relu").validate()
 
@@ -188,11 +190,11 @@ def test_decode_step_equals_forward_with_left_padding(arch):
     cache = KVCache(model.config, 2, "cpu", torch.float32)
     model(x[:, :4], pad[:, :4], cache)
     for t in range(4, 10):
-        stepped = model.decode_step(x[:, t], cache)  # (2, vocab)
+        stepped = decode_step(model, x[:, t], cache)  # (2, vocab)
         assert (stepped - model(x[:, : t + 1], pad[:, : t + 1])[:, -1]).abs().max() <= 1e-4, t
     with pytest.raises(ValueError, match="sequence_len"):
         for t in range(3):
-            model.decode_step(x[:, t], cache)
+            decode_step(model, x[:, t], cache)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -200,7 +202,7 @@ def test_greedy_generation_equals_stepwise_argmax_beyond_the_window(arch):
     """Past sequence_len the context is cropped: compare with full forwards over the same crops."""
     model = tiny(arch, sequence_len=8)
     prompt = torch.randint(1, 97, (1, 5))
-    generated = model.generate(prompt, 20, temperature=0)
+    generated = Predictor(model).generate(prompt, 20, temperature=0)
     assert generated.shape == (1, 25)
     assert torch.equal(generated[:, :5], prompt)
     # replay with full forwards: when the window overflows, the context restarts from its last half
@@ -231,60 +233,59 @@ def test_cached_logits_equal_full_forward_at_every_step(arch, prompt_len):
     """Below, at and beyond sequence_len (8): logits with the cache = a full forward over the same context."""
     model = tiny(arch, sequence_len=8)
     tokens = torch.randint(1, 97, (2, prompt_len + 30), generator=torch.Generator().manual_seed(prompt_len))
-    decoder = Decoder(model, tokens[:, :prompt_len])
+    decoder = Decoder(Predictor(model), tokens[:, :prompt_len])
     for step, (start, end) in enumerate(reference_contexts(prompt_len, 30, 8)):
         if step:
             decoder.append(tokens[:, end - 1])
         full = model(tokens[:, start:end])[:, -1]
-        assert (decoder.logits - full).abs().max() <= 1e-4, (step, start, end)
+        assert (decoder.scores - full).abs().max() <= 1e-4, (step, start, end)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padded_rows_decode_like_unpadded_ones(arch):
-    model = tiny(arch, sequence_len=8)
+    predictor = Predictor(tiny(arch, sequence_len=8))
     short, long = torch.randint(1, 97, (1, 3)), torch.randint(1, 97, (1, 6))
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])  # (2, 6)
     pad_mask = torch.tensor([[True] * 3 + [False] * 3, [False] * 6])
-    together = torch.stack(list(model.stream(batch, 20, SamplingParams(temperature=0), pad_mask)), 1)
+    together = torch.stack(list(predictor.stream(batch, 20, SamplingParams(temperature=0), pad_mask)), 1)
     for row, alone in enumerate([short, long]):
-        assert torch.equal(together[row], model.generate(alone, 20, temperature=0)[0, alone.size(1):])
+        assert torch.equal(together[row], predictor.generate(alone, 20, temperature=0)[0, alone.size(1):])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cache_and_no_cache_generate_the_same_tokens(arch):
-    model = tiny(arch, sequence_len=8)
+    predictor = Predictor(tiny(arch, sequence_len=8))
     prompt = torch.randint(1, 97, (2, 5))
-    assert torch.equal(model.generate(prompt, 25, temperature=0),
-                       model.generate(prompt, 25, temperature=0, use_cache=False))
+    assert torch.equal(predictor.generate(prompt, 25, temperature=0),
+                       predictor.generate(prompt, 25, temperature=0, use_cache=False))
 
 
 def test_repetition_penalty_sees_the_prompt_and_generated_tokens():
-    model = tiny(sequence_len=32)
+    predictor = Predictor(tiny(sequence_len=32))
     prompt = torch.randint(1, 97, (1, 4))
     params = SamplingParams(temperature=0, repetition_penalty=1e6)  # a seen token is never chosen again
-    new = torch.cat(list(model.stream(prompt, 20, params))).tolist()
+    new = torch.cat(list(predictor.stream(prompt, 20, params))).tolist()
     assert len(set(new)) == 20 and not set(new) & set(prompt[0].tolist())
 
 
 def test_long_prompt_is_cropped_not_an_error():
-    model = tiny(sequence_len=8)
-    out = model.generate(torch.randint(1, 97, (1, 30)), 3, temperature=0)
+    out = Predictor(tiny(sequence_len=8)).generate(torch.randint(1, 97, (1, 30)), 3, temperature=0)
     assert out.shape == (1, 33)
 
 
 def test_generate_zero_tokens_and_batch():
-    model = tiny()
+    predictor = Predictor(tiny())
     prompt = torch.randint(1, 97, (3, 4))
-    assert torch.equal(model.generate(prompt, 0), prompt)
-    assert model.generate(prompt, 5, temperature=1.0, top_k=5, top_p=0.9).shape == (3, 9)
+    assert torch.equal(predictor.generate(prompt, 0), prompt)
+    assert predictor.generate(prompt, 5, temperature=1.0, top_k=5, top_p=0.9).shape == (3, 9)
 
 
 def test_generated_tokens_can_be_trained_on():
     """Decoding runs in inference mode; what it hands out must still be usable where autograd records."""
     model = tiny()
     prompt = torch.randint(1, 97, (2, 4))
-    generated = model.generate(prompt, 6, temperature=0)
-    streamed = list(model.stream(prompt, 3))
+    generated = Predictor(model).generate(prompt, 6, temperature=0)
+    streamed = list(Predictor(model).stream(prompt, 3))
     model.train()
     model.loss(generated[:, :-1], generated[:, 1:]).backward()
     for token in streamed:  # (B,) ids, as yielded

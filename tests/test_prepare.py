@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from gpt.cli import main
-from gpt.corpus import load_documents
-from gpt.dataset import AffinePermutation, encode_documents, split_documents
+from gpt.corpus import load_documents, split_documents
+from gpt.dataset import AffinePermutation, encode_documents
 from gpt.prepare import BOUNDARY, TokenStream, blocks_of, load_prepared, prepare
 from gpt.tokenizer import train_tokenizer
 

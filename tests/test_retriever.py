@@ -13,7 +13,7 @@ from gpt.tokenizer import EOT, decode, token_bytes, train_tokenizer
 @pytest.fixture(scope="module")
 def retriever(tiny_run):
     checkpoint = load_checkpoint(tiny_run)
-    return Retriever(checkpoint.tokenizer, checkpoint.model)
+    return Retriever(checkpoint.tokenizer, checkpoint.predictor)
 
 
 def test_generate_returns_prompt_plus_continuation(retriever):

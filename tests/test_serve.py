@@ -58,8 +58,8 @@ def test_models_lists_the_served_model(client):
 
 def test_completion_matches_the_library_and_counts_tokens(client, checkpoint):
     reply = greedy(client, "Alice was")
-    expected = Retriever(checkpoint.tokenizer, checkpoint.model).complete(["Alice was"], max_new_tokens=40,
-                                                                           temperature=0)[0]
+    expected = Retriever(checkpoint.tokenizer, checkpoint.predictor).complete(["Alice was"], max_new_tokens=40,
+                                                                               temperature=0)[0]
     assert reply.object == "text_completion" and reply.model == "tiny"
     assert reply.choices[0].text == expected.text
     assert reply.choices[0].finish_reason == expected.finish_reason

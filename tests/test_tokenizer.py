@@ -6,8 +6,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from gpt.config import UsageError
-from gpt.corpus import load_documents
-from gpt.dataset import split_documents
+from gpt.corpus import load_documents, split_documents
 from gpt.tokenizer import (
     EOT,
     PAD,

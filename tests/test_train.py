@@ -12,7 +12,8 @@ from gpt.checkpoint import load_checkpoint, load_training_state
 from gpt.config import TrainConfig, UsageError, preset
 from gpt.hardware import autocast_dtype, compiles, cpu_flags, native_bf16, read_cpuinfo
 from gpt.logs import read_metrics
-from gpt.train import learning_rate, replaces_kept, run_progress, train
+from gpt.optim import learning_rate, replaces_kept, run_progress
+from gpt.train import train
 
 
 def tiny_configs(steps: int):

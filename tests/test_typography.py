@@ -7,7 +7,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt.dataset import prepare_splits, split_documents
+from gpt.corpus import split_documents
+from gpt.dataset import prepare_splits
 from gpt.tokenizer import EOT, decode, special_id, train_tokenizer
 from gpt.typography import ASCII, Typography, ascii_typography, retype, rewrap, typographic_variant
 

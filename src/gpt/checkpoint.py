@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 from gpt.config import ModelConfig, TrainConfig, UsageError, apply_overrides, first_line
 from gpt.memory import Memory
 from gpt.model import GPT
+from gpt.predictor import Predictor
 from gpt.tokenizer import load_tokenizer, tokenizer_info
 
 FORMAT_VERSION = 1
@@ -93,11 +94,17 @@ def save_training_state(folder: Path, state: dict) -> None:
 
 @dataclass
 class Checkpoint:
-    model: GPT
+    model: GPT  # the network alone
     tokenizer: Tokenizer
     model_config: ModelConfig
     train_config: TrainConfig
     info: dict
+    memory: Memory | None = None  # the training text's memory, when the checkpoint has one for these weights
+
+    @property
+    def predictor(self) -> Predictor:
+        """The network with its memory, as it stands now: set `memory` to None first for the network alone."""
+        return Predictor(self.model, self.memory)
 
 
 def read_config(folder: Path) -> dict:
@@ -142,7 +149,7 @@ def configs_from(info: dict, path: Path) -> tuple[ModelConfig, TrainConfig]:
 
 
 def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Model (in eval mode), tokenizer and configs from a checkpoint folder."""
+    """Network (in eval mode), its memory, tokenizer and configs from a checkpoint folder."""
     folder = Path(folder)
     info = read_config(folder)
     model_config, train_config = configs_from(info, folder)
@@ -151,8 +158,8 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> C
     model = GPT(config=model_config)
     load_weights(model, folder / WEIGHTS_FILE)
     model.to(device).eval()
-    model.memory = load_memory(folder, model_config, weights_step(folder / WEIGHTS_FILE), device)
-    return Checkpoint(model, tokenizer, model_config, train_config, info)
+    memory = load_memory(folder, model_config, weights_step(folder / WEIGHTS_FILE), device)
+    return Checkpoint(model, tokenizer, model_config, train_config, info, memory)
 
 
 def check_tokenizer(tokenizer: Tokenizer, model_config: ModelConfig, info: dict, folder: Path) -> None:

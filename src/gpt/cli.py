@@ -28,12 +28,7 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or mps")
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="gpt", description="Train a small GPT on a book, sample from it, score it.")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-
-    train = commands.add_parser("train", help="train a model (Alice by default)")
+def train_arguments(train: ArgumentParser) -> None:
     train.add_argument("--data", help="a UTF-8 text file or a folder of .txt files (default: Alice)")
     train.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     train.add_argument("--config", help="a TOML file with [model] and [train] sections overriding the preset")
@@ -54,7 +49,8 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device(train)
 
-    generate = commands.add_parser("generate", help="continue a prompt with a trained model")
+
+def generate_arguments(generate: ArgumentParser) -> None:
     generate.add_argument("prompt", nargs="?", default="", help="text to continue (default: start a new text)")
     generate.add_argument("--checkpoint", required=True, help="a folder written by gpt train")
     generate.add_argument("--max-new-tokens", type=int, default=200)
@@ -70,7 +66,8 @@ def build_parser() -> ArgumentParser:
     add_no_memory(generate, "sample from")
     add_device(generate)
 
-    prepare = commands.add_parser("prepare", help="tokenize a large corpus once into token shards for gpt train")
+
+def prepare_arguments(prepare: ArgumentParser) -> None:
     prepare.add_argument("--data", required=True, help="a UTF-8 text file or a folder of .txt files")
     prepare.add_argument("--out", required=True, help="folder for the shards, tokenizer.json and manifest.json")
     prepare.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary to train (default 2048)")
@@ -78,7 +75,8 @@ def build_parser() -> ArgumentParser:
     prepare.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of characters to validate")
     prepare.add_argument("--workers", type=int, help="encoding processes (default: one per CPU core)")
 
-    evaluate = commands.add_parser("eval", help="score text: loss, perplexity, bits per character and byte")
+
+def eval_arguments(evaluate: ArgumentParser) -> None:
     evaluate.add_argument("--checkpoint", required=True, help="a folder written by gpt train")
     evaluate.add_argument("--text", help="a text file or folder to score (default: the validation split)")
     evaluate.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: context / 2)")
@@ -89,14 +87,18 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     add_device(evaluate)
 
-    export = commands.add_parser("export", help="write a transformers folder (weights, config, tokenizer, card)")
+
+def export_arguments(export: ArgumentParser) -> None:
     export.add_argument("--checkpoint", required=True, help="a folder written by gpt train or gpt import")
     export.add_argument("--out", required=True, help="the transformers folder to write")
-    imports = commands.add_parser("import", help="turn a transformers GPT-2, OpenAI-GPT or post-LN OPT folder "
-                                                 "into a checkpoint")
+
+
+def import_arguments(imports: ArgumentParser) -> None:
     imports.add_argument("--from", dest="source", required=True, help="a transformers model folder")
     imports.add_argument("--out", required=True, help="the checkpoint folder to write")
-    serve = commands.add_parser("serve", help="serve a model over OpenAI's completions API, with a playground page")
+
+
+def serve_arguments(serve: ArgumentParser) -> None:
     serve.add_argument("--checkpoint", required=True, help="a folder written by gpt train")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one; default 8000)")
@@ -108,6 +110,22 @@ def build_parser() -> ArgumentParser:
     serve.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice; 1 is often "
                                                    "fastest for tiny models on a busy machine)")
     add_device(serve)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="gpt", description="Train a small GPT on a book, sample from it, score it.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    for name, summary, arguments in (
+        ("train", "train a model (Alice by default)", train_arguments),
+        ("generate", "continue a prompt with a trained model", generate_arguments),
+        ("prepare", "tokenize a large corpus once into token shards for gpt train", prepare_arguments),
+        ("eval", "score text: loss, perplexity, bits per character and byte", eval_arguments),
+        ("export", "write a transformers folder (weights, config, tokenizer, card)", export_arguments),
+        ("import", "turn a transformers GPT-2, OpenAI-GPT or post-LN OPT folder into a checkpoint", import_arguments),
+        ("serve", "serve a model over OpenAI's completions API, with a playground page", serve_arguments),
+    ):
+        arguments(commands.add_parser(name, help=summary))
     return parser
 
 
@@ -163,8 +181,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
     checkpoint = load_checkpoint(args.checkpoint, choose_device(args.device))
     if args.no_memory:
-        checkpoint.model.memory = None
-    retriever = Retriever(checkpoint.tokenizer, checkpoint.model)
+        checkpoint.memory = None
+    retriever = Retriever(checkpoint.tokenizer, checkpoint.predictor)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, min_p=args.min_p,
                     repetition_penalty=args.repetition_penalty, stop=args.stop)
@@ -232,8 +250,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from gpt.checkpoint import load_checkpoint
-    from gpt.corpus import load_documents
-    from gpt.dataset import split_documents
+    from gpt.corpus import load_documents, split_documents
     from gpt.evaluate import evaluate_documents, score_from_counts, total_nats
     from gpt.hardware import choose_device
     from gpt.prepare import is_prepared, load_prepared
@@ -241,22 +258,22 @@ def run_eval(args: argparse.Namespace) -> int:
 
     checkpoint = load_checkpoint(args.checkpoint, choose_device(args.device))
     if args.no_memory:
-        checkpoint.model.memory = None
-    source = checkpoint.info.get("data", "alice")
+        checkpoint.memory = None
+    source, predictor = checkpoint.info.get("data", "alice"), checkpoint.predictor
     if args.text:
         what = args.text
-        score = evaluate_documents(checkpoint.model, checkpoint.tokenizer, load_documents(args.text), args.stride,
+        score = evaluate_documents(predictor, checkpoint.tokenizer, load_documents(args.text), args.stride,
                                    adapt_lr=args.adapt)
     elif is_prepared(source):
         what, splits = f"validation shards of {source}", load_prepared(source)[1]
-        nats, tokens = total_nats(checkpoint.model, splits.val, special_id(checkpoint.tokenizer, EOT), args.stride,
+        nats, tokens = total_nats(predictor, splits.val, special_id(checkpoint.tokenizer, EOT), args.stride,
                                   adapt_lr=args.adapt)
         score = score_from_counts(nats, tokens, splits.val_chars, splits.val_bytes)
     else:
         what = f"validation split of {source}"
         documents = split_documents(load_documents(source), checkpoint.train_config.val_fraction)[1]
-        score = evaluate_documents(checkpoint.model, checkpoint.tokenizer, documents, args.stride, adapt_lr=args.adapt)
-    memory, config = checkpoint.model.memory, checkpoint.model_config
+        score = evaluate_documents(predictor, checkpoint.tokenizer, documents, args.stride, adapt_lr=args.adapt)
+    memory, config = checkpoint.memory, checkpoint.model_config
     if args.json:
         print(json.dumps(score.as_dict() | ({"adapt_lr": args.adapt} if args.adapt else {})
                          | {"memory_positions": len(memory) if memory and not args.adapt else 0}))

@@ -1,8 +1,8 @@
 """Text sources: the default book ("alice"), one UTF-8 file, or a folder of .txt files.
 
-A corpus is a list of documents (strings). Alice is downloaded once from Project Gutenberg into a
-cache folder and stripped of the Gutenberg licence header and footer, so that what we train and
-score on is the book itself.
+A corpus is a list of documents (strings), split into training and validation text by characters
+(`split_documents`). Alice is downloaded once from Project Gutenberg into a cache folder and stripped
+of the Gutenberg licence header and footer, so that what we train and score on is the book itself.
 """
 
 from __future__ import annotations
@@ -112,3 +112,17 @@ def load_documents(source: str | Path | None = None) -> list[str]:
     if not documents:
         raise UsageError(f"{path} holds no text (empty or only whitespace); pass a file with text in it")
     return documents
+
+
+def split_documents(documents: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Cut the concatenated corpus at int((1 - val_fraction) * characters)."""
+    total = sum(len(d) for d in documents)
+    cut = int((1.0 - val_fraction) * total)
+    train, val, seen = [], [], 0
+    for doc in documents:
+        head = doc[: max(0, cut - seen)]
+        tail = doc[len(head) :]
+        train += [head] if head else []
+        val += [tail] if tail else []
+        seen += len(doc)
+    return train, val

@@ -1,12 +1,15 @@
-"""Token ids on disk, the train/validation split, and the windows the model learns from.
+"""Token ids on disk, the tokenized train/validation splits, and the windows the model learns from.
 
-The split is by characters, before tokenizing: the first 90% of the corpus's characters train,
-the last 10% validate (`val_fraction`). Each document's ids start with the end-of-text token, so
-the first real token is predicted from it and every character can be scored.
+The split (gpt.corpus.split_documents) is by characters, before tokenizing: the first 90% of the corpus's
+characters train, the last 10% validate (`val_fraction`). Each document's ids start with the end-of-text
+token, so the first real token is predicted from it and every character can be scored.
 
 Training batches are windows drawn without replacement: the stream of window starts is an endless
 sequence of random permutations (one per epoch, seeded), and step s takes the next batch_size of
 them. A batch is a function of (seed, step) alone, which makes resuming exact.
+
+Held-out text is read in sliding windows instead (`windows`): every target once, each with as much context as
+the window allows; scoring (gpt.evaluate) and the memory's keys (gpt.memory) both read it so.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,22 +27,9 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
 from gpt.config import UsageError
+from gpt.corpus import load_documents, split_documents
 from gpt.tokenizer import EOT, MergeDropout, encode, special_id, text_chunks
 from gpt.typography import typographic_variant
-
-
-def split_documents(documents: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Cut the concatenated corpus at int((1 - val_fraction) * characters)."""
-    total = sum(len(d) for d in documents)
-    cut = int((1.0 - val_fraction) * total)
-    train, val, seen = [], [], 0
-    for doc in documents:
-        head = doc[: max(0, cut - seen)]
-        tail = doc[len(head) :]
-        train += [head] if head else []
-        val += [tail] if tail else []
-        seen += len(doc)
-    return train, val
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -139,6 +130,43 @@ def check_lengths(splits: TokenSplits, sequence_len: int) -> None:
         raise UsageError("the validation split is empty; use a longer text")
 
 
+def windows(num_tokens: int, sequence_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, new): inputs ids[begin:end] predict ids[begin+1:end+1]; the last `new` are scored."""
+    spans, scored_up_to, begin = [], 0, 0
+    last_target = num_tokens - 1
+    while scored_up_to < last_target:
+        end = min(begin + sequence_len, last_target)
+        spans.append((begin, end, end - scored_up_to))
+        scored_up_to, begin = end, begin + stride
+    return spans
+
+
+def checked_stride(stride: int | None, T: int) -> int:
+    stride = max(1, T // 2) if stride is None else stride
+    if not 0 < stride <= T:
+        raise UsageError(f"the stride must be between 1 and the context length {T}, got {stride}")
+    return stride
+
+
+def window_batches(
+    ids: np.ndarray, sequence_len: int, stride: int, ignore_id: int, batch_size: int = 32,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The windows of `windows` in batches of equal length: inputs x, targets y (B, T) and `scored` (B, T),
+    True where a target is scored (new in its window and not `ignore_id`)."""
+    ids_t = torch.from_numpy(np.asarray(ids).astype(np.int64))
+    spans = windows(len(ids_t), sequence_len, stride)
+    for length in sorted({end - begin for begin, end, _ in spans}):
+        group = [s for s in spans if s[1] - s[0] == length]
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            x = torch.stack([ids_t[b:e] for b, e, _ in chunk])
+            y = torch.stack([ids_t[b + 1 : e + 1] for b, e, _ in chunk])
+            scored = torch.zeros_like(y, dtype=torch.bool)
+            for row, (_, _, new) in enumerate(chunk):
+                scored[row, length - new :] = True
+            yield x, y, scored & (y != ignore_id)
+
+
 EXACT_SHUFFLE_LIMIT = 1 << 24  # windows; beyond this an explicit permutation would take > 128 MB
 
 
@@ -218,8 +246,6 @@ def build_dataset(
     if split not in ("train", "val"):
         raise UsageError(f"split must be 'train' or 'val', got {split!r}")
     if documents is None:
-        from gpt.corpus import load_documents
-
         documents = load_documents()
     splits = prepare_splits(documents, tokenizer, val_fraction)
     return WindowDataset(splits.train if split == "train" else splits.val, sequence_len)

@@ -8,8 +8,8 @@ token, which serves as context for its first token and is never scored itself. B
 tokenizer is lossless and every character is covered once, bits per character is comparable
 across tokenizers: total nats / (characters * ln 2).
 
-A model with a memory of its training text (gpt.memory) is scored with it: the mixture is the model's
-prediction.
+What is scored is a Predictor (gpt.predictor): a network with a memory of its training text (gpt.memory) is
+scored with it, since the mixture is the model's prediction; a bare GPT is the network alone.
 
 `adapt_lr` turns on dynamic evaluation (Krause et al., 2018): the same windows, in order, and after each one a
 copy of the network (without the memory) takes a gradient step on the tokens it has just scored. Every token is
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -30,8 +29,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from gpt.config import UsageError
-from gpt.dataset import encode_documents
+from gpt.dataset import checked_stride, encode_documents, window_batches, windows
 from gpt.model import GPT
+from gpt.predictor import Predictor
 from gpt.tokenizer import EOT, special_id
 
 
@@ -59,88 +59,48 @@ def score_from_counts(total_nats: float, tokens: int, chars: int, utf8_bytes: in
                  total_nats / (utf8_bytes * math.log(2)), tokens, chars)
 
 
-def windows(num_tokens: int, sequence_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, new): inputs ids[begin:end] predict ids[begin+1:end+1]; the last `new` are scored."""
-    spans, scored_up_to, begin = [], 0, 0
-    last_target = num_tokens - 1
-    while scored_up_to < last_target:
-        end = min(begin + sequence_len, last_target)
-        spans.append((begin, end, end - scored_up_to))
-        scored_up_to, begin = end, begin + stride
-    return spans
-
-
-def checked_stride(stride: int | None, T: int) -> int:
-    stride = max(1, T // 2) if stride is None else stride
-    if not 0 < stride <= T:
-        raise UsageError(f"the stride must be between 1 and the context length {T}, got {stride}")
-    return stride
-
-
-def window_batches(
-    ids: np.ndarray, sequence_len: int, stride: int, ignore_id: int, batch_size: int = 32,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The windows of `windows` in batches of equal length: inputs x, targets y (B, T) and `scored` (B, T),
-    True where a target is scored (new in its window and not `ignore_id`)."""
-    ids_t = torch.from_numpy(np.asarray(ids).astype(np.int64))
-    spans = windows(len(ids_t), sequence_len, stride)
-    for length in sorted({end - begin for begin, end, _ in spans}):
-        group = [s for s in spans if s[1] - s[0] == length]
-        for i in range(0, len(group), batch_size):
-            chunk = group[i : i + batch_size]
-            x = torch.stack([ids_t[b:e] for b, e, _ in chunk])
-            y = torch.stack([ids_t[b + 1 : e + 1] for b, e, _ in chunk])
-            scored = torch.zeros_like(y, dtype=torch.bool)
-            for row, (_, _, new) in enumerate(chunk):
-                scored[row, length - new :] = True
-            yield x, y, scored & (y != ignore_id)
-
-
 @torch.no_grad()
 def total_nats(
-    model: GPT, ids: np.ndarray, ignore_id: int, stride: int | None = None, batch_size: int = 32,
+    model: GPT | Predictor, ids: np.ndarray, ignore_id: int, stride: int | None = None, batch_size: int = 32,
     autocast_dtype: torch.dtype | None = None, adapt_lr: float | None = None,
 ) -> tuple[float, int]:
     """Sum of -log p over every target token except `ignore_id`, and how many were scored."""
+    predictor = Predictor.of(model)
     if adapt_lr is not None:
-        return adaptive_nats(model, ids, ignore_id, stride, adapt_lr)
-    T = model.config.sequence_len
-    device = model.token_embed.weight.device
-    was_training = model.training
-    model.eval()
+        return adaptive_nats(predictor.network, ids, ignore_id, stride, adapt_lr)
+    network, memory, device = predictor.network, predictor.memory, predictor.device
+    T = network.config.sequence_len
+    was_training = network.training
+    network.eval()
     nats, count = torch.zeros((), dtype=torch.float64), 0
     for x, y, scored in window_batches(ids, T, checked_stride(stride, T), ignore_id, batch_size):
         x, y, scored = x.to(device), y.to(device), scored.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            if model.memory is None:  # forward() itself: under FSDP its hooks gather the sharded parameters
-                logits = model(x)[scored]  # (n, vocab): the scored positions
+            if memory is None:  # forward() itself: under FSDP its hooks gather the sharded parameters
+                logits = network(x)[scored]  # (n, vocab): the scored positions
             else:
-                hidden = model.hidden(x)[scored]  # (n, E)
-                logits = model.head(hidden)
-        if model.memory is None:
+                hidden = network.hidden(x)[scored]  # (n, E)
+                logits = network.head(hidden)
+        if memory is None:
             losses = F.cross_entropy(logits.float(), y[scored], reduction="none")
         else:  # the mixture in float32, outside autocast
-            contexts = model.memory.contexts(x)[scored]  # (n, order - 1) for the n-gram part
-            losses = -model.memory.mix(hidden.float(), logits, contexts).gather(1, y[scored][:, None])
+            contexts = memory.contexts(x)[scored]  # (n, order - 1) for the n-gram part
+            losses = -memory.mix(hidden.float(), logits, contexts).gather(1, y[scored][:, None])
         nats += losses.double().sum().cpu()
         count += int(scored.sum())
-    model.train(was_training)
+    network.train(was_training)
     return float(nats), count
 
 
 @torch.enable_grad()
 def adaptive_nats(model: GPT, ids: np.ndarray, ignore_id: int, stride: int | None, lr: float) -> tuple[float, int]:
     """total_nats with dynamic evaluation: score a window's new tokens, then one SGD step on their mean loss.
-    The steps change a copy; `model` is left as it was."""
+    The network alone (a memory does not learn); the steps change a copy, and `model` is left as it was."""
     if not lr > 0:
         raise UsageError(f"the adaptation learning rate must be positive, got {lr}")
     T = model.config.sequence_len
     stride = checked_stride(stride, T)
-    memory, model.memory = model.memory, None  # the network alone: the memory does not learn
-    try:
-        reader = copy.deepcopy(model).eval()  # eval: no dropout, gradients still flow
-    finally:
-        model.memory = memory
+    reader = copy.deepcopy(model).eval()  # eval: no dropout, gradients still flow
     optimizer = torch.optim.SGD(reader.parameters(), lr=lr)
     device = reader.token_embed.weight.device
     ids_t = torch.from_numpy(np.asarray(ids).astype(np.int64)).to(device)
@@ -160,7 +120,7 @@ def adaptive_nats(model: GPT, ids: np.ndarray, ignore_id: int, stride: int | Non
 
 
 def evaluate_documents(
-    model: GPT, tokenizer: Tokenizer, documents: list[str], stride: int | None = None,
+    model: GPT | Predictor, tokenizer: Tokenizer, documents: list[str], stride: int | None = None,
     autocast_dtype: torch.dtype | None = None, adapt_lr: float | None = None,
 ) -> Score:
     ids = encode_documents(tokenizer, documents)

@@ -17,24 +17,22 @@ that takes a share of its own:
 All parts are normalized distributions, so the mixture is one too, and scoring held-out text with it is as valid
 as scoring the network alone; the memory holds only the training split. On a small text the network, trained
 for many passes, is sure of what it memorised; the neighbours spread that knowledge over similar contexts, and
-the counts know exactly which words followed which (docs/training.md, rounds 9 and 10).
+the counts know exactly which words followed which (docs/training.md, rounds 9 and 10). A network and its
+memory together are a gpt.predictor.Predictor, what samples and scores with the mixture.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from gpt.config import ModelConfig
+from gpt.dataset import checked_stride, window_batches
 from gpt.decoding import linear
-from gpt.evaluate import checked_stride, window_batches
+from gpt.model import GPT
 from gpt.ngram import NGram, token_contexts
-
-if TYPE_CHECKING:
-    from gpt.model import GPT
 
 MEMORY_MAX_BYTES = 256 * 2**20  # fp16 keys; beyond this a text is long enough that the network alone suffices
 QUERY_CHUNK = 256  # queries scored at once: QUERY_CHUNK x keys floats of scratch memory

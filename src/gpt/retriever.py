@@ -16,6 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from gpt.model import GPT
+from gpt.predictor import Predictor
 from gpt.sampling import SamplingParams
 from gpt.tokenizer import EOT, PAD, encode, special_id, token_bytes
 
@@ -119,8 +120,9 @@ class TextStream:
 
 
 class Retriever:
-    def __init__(self, tokenizer: Tokenizer, model: GPT):
-        self.tokenizer, self.model = tokenizer, model
+    def __init__(self, tokenizer: Tokenizer, model: GPT | Predictor):
+        """`model`: a Predictor (a checkpoint's, with its memory), or a bare GPT for the network alone."""
+        self.tokenizer, self.predictor = tokenizer, Predictor.of(model)
         self.eot = special_id(tokenizer, EOT)
         self.pad = tokenizer.token_to_id(PAD)
         self.table = token_bytes(tokenizer)
@@ -133,7 +135,7 @@ class Retriever:
         rows = [[self.eot] + encode(self.tokenizer, p) for p in prompts]
         longest = max(map(len, rows))
         filler = self.eot if self.pad is None else self.pad
-        device = self.model.token_embed.weight.device
+        device = self.predictor.device
         idx = torch.tensor([[filler] * (longest - len(r)) + r for r in rows], dtype=torch.long, device=device)
         if all(len(r) == longest for r in rows):
             return idx, None
@@ -147,7 +149,7 @@ class Retriever:
         generator = torch.Generator(device=idx.device)
         generator.manual_seed(seed) if seed is not None else generator.seed()
         done = [False] * len(rows)
-        for token in self.model.stream(idx, max_new_tokens, params, pad_mask, generator):
+        for token in self.predictor.stream(idx, max_new_tokens, params, pad_mask, generator):
             pieces = []
             for i, (row, token_id) in enumerate(zip(rows, token.tolist())):
                 pieces.append("" if done[i] else row.push(token_id, self.eot))

@@ -27,12 +27,13 @@ from gpt.checkpoint import (
     weights_step,
 )
 from gpt.config import ModelConfig, TrainConfig, UsageError
-from gpt.corpus import load_documents
-from gpt.dataset import TokenSplits, check_lengths, prepare_splits, split_documents, token_dtype, write_tokens
+from gpt.corpus import load_documents, split_documents
+from gpt.dataset import TokenSplits, check_lengths, prepare_splits, token_dtype, write_tokens
 from gpt.evaluate import Score, score_from_counts, total_nats
 from gpt.logs import MetricsLog
 from gpt.memory import build_memory, fits
 from gpt.model import GPT
+from gpt.predictor import Predictor
 from gpt.prepare import is_prepared, load_prepared
 from gpt.tokenizer import PAD, load_tokenizer, train_tokenizer
 
@@ -137,10 +138,11 @@ def read_prepared(out: Path, data: str | None, model_config: ModelConfig) -> tup
     return tokenizer, TokenSplits(train_ids, val_ids, [])
 
 
-def validation_score(model: GPT, splits: TokenSplits, eot: int, stride: int | None,
+def validation_score(model: GPT | Predictor, splits: TokenSplits, eot: int, stride: int | None,
                      low_precision: torch.dtype | None) -> Score:
-    """The validation split scored by `model` (with its memory, if it has one), on rank 0: the other torchrun
-    ranks have no character counts (the trainer's own validation, which every FSDP rank runs, sums nats first)."""
+    """The validation split scored by `model` (a Predictor with its memory, or a bare network), on rank 0: the
+    other torchrun ranks have no character counts (the trainer's own validation, which every FSDP rank runs, sums
+    nats first)."""
     return score_from_counts(*total_nats(model, splits.val, eot, stride, autocast_dtype=low_precision),
                              splits.val_chars, splits.val_bytes)
 
@@ -156,15 +158,15 @@ def remember_training_text(
     model = GPT(config=model_config).to(device)
     load_weights(model, out / WEIGHTS_FILE)
     alone = validation_score(model, splits, eot, stride, low_precision)
-    model.memory = build_memory(model, splits.plain_train, eot, stride, low_precision)
-    save_memory(out, model.memory, weights_step(out / WEIGHTS_FILE))
-    mixed = validation_score(model, splits, eot, stride, low_precision)
+    memory = build_memory(model, splits.plain_train, eot, stride, low_precision)
+    save_memory(out, memory, weights_step(out / WEIGHTS_FILE))
+    mixed = validation_score(Predictor(model, memory), splits, eot, stride, low_precision)
     seconds = time.perf_counter() - started
-    metrics.write({"step": step, "memory_positions": len(model.memory), "memory_seconds": round(seconds, 3),
+    metrics.write({"step": step, "memory_positions": len(memory), "memory_seconds": round(seconds, 3),
                    "memory_seconds_reserved": round(reserved, 3), "run_seconds": round(run_seconds + seconds, 3),
                    "val_bits_per_char_network": round(alone.bits_per_char, 6),
                    "val_bits_per_char_with_memory": round(mixed.bits_per_char, 6)})
-    say(f"memory of the training text: {len(model.memory):,} positions in {seconds:.0f}s | val bits/char "
+    say(f"memory of the training text: {len(memory):,} positions in {seconds:.0f}s | val bits/char "
         f"{mixed.bits_per_char:.4f} with it, {alone.bits_per_char:.4f} for the network alone", file=sys.stderr)
 
 
@@ -221,9 +223,7 @@ def score_with_memory(model: GPT, splits: TokenSplits, eot: int, stride: int | N
     seconds its keys and its scoring took (they time the memory built at the end). Its keys come from windows
     that do not overlap: half the work of the saved memory's (0.001 bits/char apart on Alice, docs/training.md)."""
     started = time.perf_counter()
-    model.memory = build_memory(model, splits.plain_train, eot, model.config.sequence_len, low_precision)
+    memory = build_memory(model, splits.plain_train, eot, model.config.sequence_len, low_precision)
     built = time.perf_counter()
-    try:
-        return validation_score(model, splits, eot, stride, low_precision), built - started, time.perf_counter() - built
-    finally:
-        model.memory = None
+    score = validation_score(Predictor(model, memory), splits, eot, stride, low_precision)
+    return score, built - started, time.perf_counter() - built

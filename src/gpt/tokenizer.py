@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gpt.config import UsageError
+from gpt.corpus import load_documents, split_documents
 
 PAD = "[PAD]"
 EOT = "<|endoftext|>"
@@ -61,9 +62,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
 def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1024) -> Tokenizer:
     """The seed's entry point: with no arguments, a BPE trained on Alice's training split."""
     if texts is None:
-        from gpt.corpus import load_documents
-        from gpt.dataset import split_documents
-
         texts = split_documents(load_documents(), val_fraction=0.1)[0]
     return train_tokenizer(texts, vocab_size)
 

@@ -1,8 +1,6 @@
-"""The training loop: AdamW, warmup then cosine decay, clipping, periodic validation, checkpoints.
+"""The training loop: AdamW on a schedule (gpt.optim), clipping, periodic validation, checkpoints.
 
-The schedule runs on progress = max(step / max_steps, elapsed / max_time), so a run limited by
-time still warms up, decays to its floor and ends exactly when the budget is spent. The budget
-is the whole run's: a resumed run continues from the saved step and elapsed time.
+The budget is the whole run's: a resumed run continues from the saved step and elapsed time.
 """
 
 from __future__ import annotations
@@ -14,9 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
+from tokenizers import Tokenizer
 
 from gpt import distributed
 from gpt.averaging import start_average
@@ -31,12 +29,13 @@ from gpt.checkpoint import (
     save_weights,
 )
 from gpt.config import ModelConfig, TrainConfig, UsageError, first_line
-from gpt.dataset import WindowSampler
+from gpt.dataset import TokenSplits, WindowSampler
 from gpt.evaluate import Score, score_from_counts, total_nats, unigram_score
-from gpt.hardware import autocast_dtype, choose_device, compiles, peak_flops
+from gpt.hardware import autocast_dtype, choose_device, compile_step, compiles, peak_flops
 from gpt.logs import MetricsLog, Progress, plot_losses, run_banner
 from gpt.memory import fits
 from gpt.model import GPT, lm_loss
+from gpt.optim import learning_rate, make_optimizer, micro_seed, replaces_kept, run_progress
 from gpt.preflight import check_training
 from gpt.runfolder import (
     EndCosts,
@@ -57,54 +56,6 @@ class RunResult:
     step: int
     best_val_loss: float
     interrupted_by: str | None  # "SIGINT" / "SIGTERM" when stopped early
-
-
-def compile_step(module: torch.nn.Module, device: torch.device, world: distributed.World) -> torch.nn.Module:
-    """On one GPU, CUDA graphs ("reduce-overhead") replay the step's kernels without launching each from Python:
-    the default preset's step ran 2.1-2.4x faster than with plain compile on an H200 (docs/benchmarks.md). Under
-    torchrun the plain mode, since the graphs would hold the gradient all-reduce hooks of DDP/FSDP."""
-    mode = "reduce-overhead" if device.type == "cuda" and not world.active else None
-    return torch.compile(module, mode=mode)
-
-
-def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:
-    """Weight decay on matrices (and embeddings) only; biases and LayerNorm gains are left alone."""
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}]
-    device = next(model.parameters()).device
-    # fused: one kernel for all tensors instead of several per tensor (CPU support arrived in torch 2.4)
-    torch_version = tuple(int(part) for part in torch.__version__.split(".")[:2])
-    fused = device.type == "cuda" or (device.type == "cpu" and torch_version >= (2, 4))
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
-
-
-def run_progress(step: int, elapsed: float, config: TrainConfig, reserve: float = 0.0) -> float:
-    """How far the run is, 0 to 1; `reserve` seconds of max_time are kept for the memory built at the end."""
-    by_steps = step / config.max_steps if config.max_steps else 0.0
-    by_time = elapsed / (config.max_time - reserve) if config.max_time else 0.0
-    return max(by_steps, by_time)
-
-
-def learning_rate(step: int, progress: float, config: TrainConfig) -> float:
-    warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return config.learning_rate * warmup * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
-
-
-def replaces_kept(val_loss: float | None, mixed_bits: float | None, kept_loss: float, kept_mixed: float) -> bool:
-    """Whether a validation's weights replace the kept ones. Scored with a memory, they are judged by that
-    score, the one `gpt eval` reports: with a memory the best weights come later than the network's best (round 19
-    of docs/training.md). A validation without one is judged by the network's loss against the kept weights'."""
-    if val_loss is None:
-        return False
-    return mixed_bits < kept_mixed if mixed_bits is not None else val_loss < kept_loss
-
-
-def micro_seed(seed: int, step: int, micro_batch: int) -> int:
-    """Dropout masks are a function of the data position, so the split into processes and micro-steps
-    does not change the run, and a resumed run draws the same masks."""
-    return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def train(
@@ -148,6 +99,20 @@ def train(
 def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool,
            show_progress: bool, world: distributed.World, device: torch.device,
            initial: Checkpoint | None, init_from: str | Path | None, estimate: int) -> RunResult:
+    tokenizer, splits, state = _prepare(model_config, train_config, out, data, resume, world, initial, init_from)
+    run = Run(model_config, train_config, out, world, device, splits, special_id(tokenizer, EOT), show_progress)
+    run.restore(state, initial)
+    if resume and run.progress() >= 1.0:
+        raise UsageError(f"the run in {out} already reached its limit (step {run.step}, {run.elapsed:.0f}s); pass a "
+                         "larger --max-steps or --max-time to train further")
+    run.announce(estimate, resume)
+    return run.train(resume)
+
+
+def _prepare(model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool,
+             world: distributed.World, initial: Checkpoint | None, init_from: str | Path | None,
+             ) -> tuple[Tokenizer, TokenSplits, dict | None]:
+    """Rank 0 tokenizes the text (or reads the prepared data) and writes the run's config; the others then read it."""
     failure = None
     if world.is_main:
         created = prepare_output(out)
@@ -167,215 +132,254 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
     if not world.is_main:
         tokenizer, splits = read_prepared(out, data, model_config)
         state = load_training_state(out) if resume else None
-    eot = special_id(tokenizer, EOT)
+    return tokenizer, splits, state
 
-    low_precision = autocast_dtype(device, train_config.dtype)
-    torch.manual_seed(train_config.seed)
-    model = GPT(config=model_config).to(device)
-    wrapped = distributed.wrap(model, world, device)
-    compiled = compiles(device, train_config.compile)
-    step_forward = compile_step(wrapped, device, world) if compiled else wrapped  # validation runs the plain model
-    optimizer = make_optimizer(model, train_config)
-    step, elapsed, best_val, windows_seen = 0, 0.0, math.inf, 0
-    best_mixed = math.inf  # the kept weights' val bits/char with a memory; inf: none scored them with one
-    if state is not None:
-        try:
-            distributed.load_state(wrapped, model, optimizer, state["model"], state["optimizer"], world)
-            torch.set_rng_state(state["rng"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as err:
-            raise UsageError(f"{out / STATE_FILE} does not fit the model in {out / CONFIG_FILE} "
-                             f"({first_line(err)}); train again without --resume") from None
-        step, elapsed, best_val = state["step"], state["elapsed"], state["best_val_loss"]
-        best_mixed = state.get("best_val_bits_with_memory", math.inf)
-        windows_seen = state.get("windows_seen", step * train_config.batch_size)
-    elif initial is not None:
-        model.load_state_dict(initial.model.state_dict())
-    average = start_average(model, train_config.weight_average, world.fsdp, state)
 
-    micro, accum = train_config.batch_size, train_config.grad_accum
-    global_batch = micro * accum * world.size
-    say = print if show_progress else (lambda *a, **k: None)
-    # no estimate for cores shared by several processes, nor for bf16 (the peak is fp32's)
-    peak = peak_flops(device) if world.size == 1 and low_precision is None else None
-    if world.is_main:
-        unigram = unigram_score(splits.train, splits.val, splits.val_text, eot, model_config.vocab_size) \
-            if splits.val_text else None
-        say(run_banner(model.num_params(), len(splits.train), len(splits.val), splits.copies, train_config.bpe_dropout,
-                       f"{device}{' bf16' if low_precision else ''}{' compiled' if compiled else ''}", unigram, peak,
-                       estimate),
-            file=sys.stderr)
-    if world.size > 1 or accum > 1:
-        say(f"global batch {global_batch} windows = {micro} per micro-step x {accum} micro-steps x "
-            f"{world.size} processes{' (FSDP)' if world.fsdp else ''}", file=sys.stderr)
-    remembering = world.is_main and fits(len(splits.plain_train), model_config)
-    # under FSDP rank 0 cannot run its sharded model alone; the memory at the end loads the saved weights
-    mid_run_memory = remembering and not world.fsdp and validates_with_memory(splits, model_config, train_config,
-                                                                              global_batch)
-    reserve, reserve_timed = 0.0, False  # seconds of max_time kept for the end; whether a validation timed it
-    costs = EndCosts(len(splits.val), len(splits.plain_train))
+class Run:
+    """What the phases of a run share: set-up (here and `restore`), one optimizer step, validation, saving and
+    the end. `train` is the loop over them; under torchrun every process holds one."""
 
-    def progress() -> float:
-        return run_progress(step, elapsed, train_config, reserve)
+    def __init__(self, model_config: ModelConfig, config: TrainConfig, out: Path, world: distributed.World,
+                 device: torch.device, splits: TokenSplits, eot: int, show_progress: bool):
+        self.model_config, self.config, self.out, self.world, self.device = model_config, config, out, world, device
+        self.splits, self.eot, self.show_progress = splits, eot, show_progress
+        self.say = print if show_progress else (lambda *a, **k: None)
+        self.low_precision = autocast_dtype(device, config.dtype)
+        torch.manual_seed(config.seed)
+        self.model = GPT(config=model_config).to(device)
+        self.wrapped = distributed.wrap(self.model, world, device)
+        self.compiled = compiles(device, config.compile)
+        # validation runs the plain model
+        self.step_forward = compile_step(self.wrapped, device, world) if self.compiled else self.wrapped
+        self.optimizer = make_optimizer(self.model, config)
+        self.step, self.elapsed, self.windows_seen, self.lr = 0, 0.0, 0, config.learning_rate
+        # the kept weights' val loss and val bits/char with a memory (inf: none scored them with one)
+        self.best_val, self.best_mixed, self.val_loss = math.inf, math.inf, None
+        self.global_batch = config.batch_size * config.grad_accum * world.size
+        self.tokens_per_step = self.global_batch * model_config.sequence_len
+        self.remembering = world.is_main and fits(len(splits.plain_train), model_config)
+        # under FSDP rank 0 cannot run its sharded model alone; the memory at the end loads the saved weights
+        self.mid_run_memory = self.remembering and not world.fsdp and validates_with_memory(
+            splits, model_config, config, self.global_batch)
+        self.reserve, self.reserve_timed = 0.0, False  # seconds of max_time kept for the end; whether timed
+        self.costs = EndCosts(len(splits.val), len(splits.plain_train))
+        # no estimate for cores shared by several processes, nor for bf16 (the peak is fp32's)
+        self.peak = peak_flops(device) if world.size == 1 and self.low_precision is None else None
+        self.average, self.metrics, self.started = None, None, 0.0
 
-    if resume and progress() >= 1.0:
-        raise UsageError(f"the run in {out} already reached its limit (step {step}, {elapsed:.0f}s); pass a larger "
-                         "--max-steps or --max-time to train further")
-    if resume:
-        say(f"resuming at step {step} ({elapsed:.0f}s already trained)", file=sys.stderr)
+    def restore(self, state: dict | None, initial: Checkpoint | None) -> None:
+        """Continue from a saved training state, or start from another checkpoint's weights (`--init-from`)."""
+        if state is not None:
+            try:
+                distributed.load_state(self.wrapped, self.model, self.optimizer, state["model"], state["optimizer"],
+                                       self.world)
+                torch.set_rng_state(state["rng"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as err:
+                raise UsageError(f"{self.out / STATE_FILE} does not fit the model in {self.out / CONFIG_FILE} "
+                                 f"({first_line(err)}); train again without --resume") from None
+            self.step, self.elapsed, self.best_val = state["step"], state["elapsed"], state["best_val_loss"]
+            self.best_mixed = state.get("best_val_bits_with_memory", math.inf)
+            self.windows_seen = state.get("windows_seen", self.step * self.config.batch_size)
+        elif initial is not None:
+            self.model.load_state_dict(initial.model.state_dict())
+        self.average = start_average(self.model, self.config.weight_average, self.world.fsdp, state)
 
-    def validate(with_memory: bool) -> tuple[Score | None, Score | None, bool]:
+    def announce(self, estimate: int, resume: bool) -> None:
+        splits, config, world = self.splits, self.config, self.world
+        if world.is_main:
+            unigram = unigram_score(splits.train, splits.val, splits.val_text, self.eot, self.model_config.vocab_size) \
+                if splits.val_text else None
+            where = f"{self.device}{' bf16' if self.low_precision else ''}{' compiled' if self.compiled else ''}"
+            self.say(run_banner(self.model.num_params(), len(splits.train), len(splits.val), splits.copies,
+                                config.bpe_dropout, where, unigram, self.peak, estimate), file=sys.stderr)
+        if world.size > 1 or config.grad_accum > 1:
+            self.say(f"global batch {self.global_batch} windows = {config.batch_size} per micro-step x "
+                     f"{config.grad_accum} micro-steps x {world.size} processes{' (FSDP)' if world.fsdp else ''}",
+                     file=sys.stderr)
+        if resume:
+            self.say(f"resuming at step {self.step} ({self.elapsed:.0f}s already trained)", file=sys.stderr)
+
+    def progress(self) -> float:
+        return run_progress(self.step, self.elapsed, self.config, self.reserve)
+
+    def train(self, resume: bool) -> RunResult:
+        config, world = self.config, self.world
+        sampler = WindowSampler(self.splits.train, self.model_config.sequence_len, self.global_batch, config.seed)
+        if world.is_main:
+            self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_after_step=self.step if resume else None)
+        bar = Progress(self.progress(), enabled=self.show_progress)
+        sync_every = config.log_interval if world.active else 1  # ranks agree on time and signals this often
+        self.model.train()
+        self.started = time.perf_counter() - self.elapsed
+        window_start, window_steps, stopping = time.perf_counter(), 0, False
+        with distributed.StopSignals() as stop, self.metrics or contextlib.nullcontext(), bar:
+            finished = self.progress() >= 1.0
+            while not finished and not stopping:
+                loss = self.optimizer_step(sampler)
+                window_steps += 1
+                if self.step % sync_every == 0 or (config.max_steps and self.step >= config.max_steps):
+                    self.elapsed, signalled, self.reserve = distributed.agree(
+                        [time.perf_counter() - self.started, float(bool(stop.received)), self.reserve], world)
+                    stopping = signalled > 0
+                finished = self.progress() >= 1.0
+                evaluating = self.step % config.eval_interval == 0 or finished or stopping
+                logging = self.step % config.log_interval == 0 or evaluating
+                saving = evaluating or self.step % config.checkpoint_interval == 0
+                if not (logging or saving):
+                    continue
+                speed = window_steps * self.tokens_per_step / max(time.perf_counter() - window_start, 1e-9)
+                self.report(loss, speed, evaluating, logging, saving, finished or stopping, bar)
+                if evaluating and not finished and config.max_time:  # one that ran past the time is the last
+                    self.elapsed, self.reserve = distributed.agree(
+                        [time.perf_counter() - self.started, self.reserve], world)
+                    finished = self.progress() >= 1.0
+                window_start, window_steps = time.perf_counter(), 0
+            if self.remembering and not stopping and (self.out / WEIGHTS_FILE).exists():
+                remember_training_text(self.out, self.model_config, self.splits, self.eot, config.eval_stride,
+                                       self.device, self.low_precision, self.metrics, self.say, self.step,
+                                       self.reserve, time.perf_counter() - self.started)
+        return self.end((stop.received or "SIGTERM") if stopping else None)
+
+    def optimizer_step(self, sampler: WindowSampler) -> torch.Tensor:
+        """One AdamW step on the global batch: this process's micro-batches, gradients synced on the last one.
+        Returns the mean loss as a tensor, so that the step is not waited for unless it is logged."""
+        config, world = self.config, self.world
+        self.lr = learning_rate(self.step, self.progress(), config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        micro, accum = config.batch_size, config.grad_accum
+        starts = sampler.starts_at(self.windows_seen, self.global_batch)
+        loss_sum = torch.zeros((), device=self.device)
+        for j in range(accum):
+            index = j * world.size + world.rank  # this rank's micro-batch within the global batch
+            x, y = (t.to(self.device, non_blocking=True) for t in sampler.windows(starts[index * micro:][:micro]))
+            torch.manual_seed(micro_seed(config.seed, self.step, index))
+            with distributed.gradient_sync(self.wrapped, world, enabled=j == accum - 1):
+                with torch.autocast(self.device.type, dtype=self.low_precision, enabled=self.low_precision is not None):
+                    loss = lm_loss(self.step_forward(x), y, self.model_config.pad_idx)
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.windows_seen += self.global_batch
+        if self.average is not None:
+            self.average.update(self.step)
+        return loss_sum / accum
+
+    def report(self, loss: torch.Tensor, speed: float, evaluating: bool, logging: bool, saving: bool, last: bool,
+               bar: Progress) -> None:
+        """After a step that logs, validates or saves: the train loss (waiting for the step), the time kept for the
+        end, the validation (with a memory when there is time for one), the metrics row and the checkpoint."""
+        config = self.config
+        train_loss = distributed.average(loss, self.world).item()  # waits for the step to finish
+        if not math.isfinite(train_loss):
+            raise UsageError(diverged(f"the training loss became {train_loss} at step {self.step}", self.out))
+        if self.remembering and config.max_time:
+            self.costs.step = self.tokens_per_step / speed
+            if not self.reserve_timed:  # a step: ~3 forward passes
+                self.costs.estimate(1 / (3 * speed))
+            self.reserve = self.costs.reserve(config.max_time)
+        # a memory that would run into the time kept for the end is left out of this validation
+        with_memory = self.mid_run_memory and not last and not (config.max_time and run_progress(
+            self.step, self.elapsed + self.costs.validation_with_memory(), config, self.reserve) >= 1)
+        score, mixed, validated = self.validate(with_memory) \
+            if evaluating and (self.world.is_main or self.world.fsdp) else (None, None, True)
+        if logging:
+            self.log(train_loss, speed, score, mixed, bar)
+        if saving:
+            self.checkpoint(score.loss if score else None, mixed.bits_per_char if mixed else None,
+                            validation_failed=not validated)
+
+    def log(self, train_loss: float, speed: float, score: Score | None, mixed: Score | None, bar: Progress) -> None:
+        row = {"step": self.step, "train_loss": round(train_loss, 6), "lr": self.lr,
+               "tokens_seen": self.windows_seen * self.model_config.sequence_len, "elapsed": round(self.elapsed, 3),
+               "tokens_per_s": round(speed)}
+        if self.peak:
+            row["mfu"] = round(self.model.flops_per_token() * speed / self.peak.flops, 4)
+        if score is not None:
+            self.val_loss = score.loss
+            row.update(val_loss=round(score.loss, 6), val_bits_per_char=round(score.bits_per_char, 6))
+        if mixed is not None:  # the end's memory row has the final one
+            row["val_bits_per_char_with_memory"] = round(mixed.bits_per_char, 6)
+        if self.world.is_main:
+            self.metrics.write(row)
+        bar.update(self.progress(), step=self.step, loss=f"{train_loss:.3f}",
+                   val="-" if self.val_loss is None else f"{self.val_loss:.3f}", tok_s=f"{speed:,.0f}",
+                   **({"mfu": f"{100 * row['mfu']:.0f}%"} if self.peak else {}))
+
+    def validate(self, with_memory: bool) -> tuple[Score | None, Score | None, bool]:
         """(score on rank 0, the score with a memory of these weights or None, whether it worked): a failed
         validation (out of memory, say) never costs the run."""
-        nonlocal reserve, reserve_timed
         started_at = time.perf_counter()
         try:
-            with average.swapped_in() if average else contextlib.nullcontext():
-                nats, count = total_nats(model, splits.val, eot, train_config.eval_stride,
-                                         autocast_dtype=low_precision)
+            with self.average.swapped_in() if self.average else contextlib.nullcontext():
+                nats, count = total_nats(self.model, self.splits.val, self.eot, self.config.eval_stride,
+                                         autocast_dtype=self.low_precision)
                 network_seconds = time.perf_counter() - started_at
-                mixed, keys, scoring = score_with_memory(model, splits, eot, train_config.eval_stride,
-                                                         low_precision) if with_memory else (None, None, None)
+                mixed, keys, scoring = score_with_memory(self.model, self.splits, self.eot, self.config.eval_stride,
+                                                         self.low_precision) if with_memory else (None, None, None)
         except Exception as err:
-            if world.is_main:
-                print(f"warning: validation failed at step {step} ({first_line(err)}); training goes on and the "
-                      "checkpoint is still saved", file=sys.stderr)
+            if self.world.is_main:
+                print(f"warning: validation failed at step {self.step} ({first_line(err)}); training goes on and "
+                      "the checkpoint is still saved", file=sys.stderr)
             return None, None, False
-        if remembering and train_config.max_time:
-            costs.estimate(network_seconds / (2 * len(splits.val)))
+        if self.remembering and self.config.max_time:
+            self.costs.estimate(network_seconds / (2 * len(self.splits.val)))
             if with_memory:
-                costs.time_memory(keys, scoring)
-            reserve, reserve_timed = costs.reserve(train_config.max_time), True
-        score = score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if world.is_main else None
+                self.costs.time_memory(keys, scoring)
+            self.reserve, self.reserve_timed = self.costs.reserve(self.config.max_time), True
+        splits = self.splits
+        score = score_from_counts(nats, count, splits.val_chars, splits.val_bytes) if self.world.is_main else None
         return score, mixed, True
 
-    def checkpoint(val_loss: float | None, mixed_bits: float | None, validation_failed: bool) -> None:
-        nonlocal best_val, best_mixed, reserve
-        started_at = time.perf_counter()
+    def checkpoint(self, val_loss: float | None, mixed_bits: float | None, validation_failed: bool) -> None:
+        """Save the training state, and the weights where this validation beats the kept ones' (atomically)."""
+        started_at, out, model = time.perf_counter(), self.out, self.model
         broken = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
-        if distributed.agree([float(broken)], world)[0]:
-            raise UsageError(diverged(f"the weights became NaN or infinite at step {step}", out))
-        model_state, optimizer_state = distributed.full_state(wrapped, model, optimizer, world)
+        if distributed.agree([float(broken)], self.world)[0]:
+            raise UsageError(diverged(f"the weights became NaN or infinite at step {self.step}", out))
+        model_state, optimizer_state = distributed.full_state(self.wrapped, model, self.optimizer, self.world)
         weights = model_state
-        if average is not None:  # validated and saved: the average; resumed from: the raw weights
-            with average.swapped_in():
+        if self.average is not None:  # validated and saved: the average; resumed from: the raw weights
+            with self.average.swapped_in():
                 weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         failure = None
-        if world.is_main:
+        if self.world.is_main:
             try:
-                if replaces_kept(val_loss, mixed_bits, best_val, best_mixed):
-                    save_weights(out, weights, {"step": str(step), "val_loss": f"{val_loss:.6f}"})
-                    best_val, best_mixed = val_loss, math.inf if mixed_bits is None else mixed_bits
+                if replaces_kept(val_loss, mixed_bits, self.best_val, self.best_mixed):
+                    save_weights(out, weights, {"step": str(self.step), "val_loss": f"{val_loss:.6f}"})
+                    self.best_val, self.best_mixed = val_loss, math.inf if mixed_bits is None else mixed_bits
                 elif validation_failed and not (out / WEIGHTS_FILE).exists():  # keep the run usable
-                    save_weights(out, weights, {"step": str(step), "val_loss": "unknown"})
+                    save_weights(out, weights, {"step": str(self.step), "val_loss": "unknown"})
                 save_training_state(out, {
-                    "model": model_state, "optimizer": optimizer_state, "step": step, "elapsed": elapsed,
-                    "best_val_loss": best_val, "best_val_bits_with_memory": best_mixed, "windows_seen": windows_seen,
-                    "rng": torch.get_rng_state(),
-                    **({"average": average.state_dict()} if average else {}),
+                    "model": model_state, "optimizer": optimizer_state, "step": self.step, "elapsed": self.elapsed,
+                    "best_val_loss": self.best_val, "best_val_bits_with_memory": self.best_mixed,
+                    "windows_seen": self.windows_seen, "rng": torch.get_rng_state(),
+                    **({"average": self.average.state_dict()} if self.average else {}),
                 })
             except (OSError, RuntimeError, SafetensorError) as err:
-                failure = (f"could not save the checkpoint in {out} at step {step} ({first_line(err)}); the previous "
-                           f"checkpoint is kept: free disk space (or fix the folder), then continue with gpt train "
-                           f"--resume --out {out}")
-        failure = distributed.share(failure, world)
+                failure = (f"could not save the checkpoint in {out} at step {self.step} ({first_line(err)}); the "
+                           f"previous checkpoint is kept: free disk space (or fix the folder), then continue with "
+                           f"gpt train --resume --out {out}")
+        failure = distributed.share(failure, self.world)
         if failure:
             raise UsageError(failure)
-        costs.save = time.perf_counter() - started_at
-        reserve = costs.reserve(train_config.max_time) if remembering and train_config.max_time else reserve
+        self.costs.save = time.perf_counter() - started_at
+        if self.remembering and self.config.max_time:
+            self.reserve = self.costs.reserve(self.config.max_time)
 
-    sampler = WindowSampler(splits.train, model_config.sequence_len, global_batch, train_config.seed)
-    tokens_per_step = global_batch * model_config.sequence_len
-    flops_per_token = model.flops_per_token()
-    metrics = MetricsLog(out / "metrics.jsonl", resume_after_step=step if resume else None) if world.is_main else None
-    bar = Progress(progress(), enabled=show_progress)
-    sync_every = train_config.log_interval if world.active else 1  # ranks agree on time and signals this often
-    model.train()
-    started = time.perf_counter() - elapsed
-    window_start, window_steps, val_loss, stopping = time.perf_counter(), 0, None, False
-    with distributed.StopSignals() as stop, metrics or contextlib.nullcontext(), bar:
-        finished = progress() >= 1.0
-        while not finished and not stopping:
-            lr = learning_rate(step, progress(), train_config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            starts = sampler.starts_at(windows_seen, global_batch)
-            loss_sum = torch.zeros((), device=device)
-            for j in range(accum):
-                index = j * world.size + world.rank  # this rank's micro-batch within the global batch
-                x, y = (t.to(device, non_blocking=True) for t in sampler.windows(starts[index * micro:][:micro]))
-                torch.manual_seed(micro_seed(train_config.seed, step, index))
-                with distributed.gradient_sync(wrapped, world, enabled=j == accum - 1):
-                    with torch.autocast(device.type, dtype=low_precision, enabled=low_precision is not None):
-                        loss = lm_loss(step_forward(x), y, model_config.pad_idx)
-                    (loss / accum).backward()
-                loss_sum += loss.detach()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if average is not None:
-                average.update(step)
-            window_steps += 1
-            windows_seen += global_batch
-            if step % sync_every == 0 or (train_config.max_steps and step >= train_config.max_steps):
-                elapsed, signalled, reserve = distributed.agree(
-                    [time.perf_counter() - started, float(bool(stop.received)), reserve], world)
-                stopping = signalled > 0
-            finished = progress() >= 1.0
-            evaluating = step % train_config.eval_interval == 0 or finished or stopping
-            logging = step % train_config.log_interval == 0 or evaluating
-            saving = evaluating or step % train_config.checkpoint_interval == 0
-            if not (logging or saving):
-                continue
-            train_loss = distributed.average(loss_sum / accum, world).item()  # waits for the step to finish
-            speed = window_steps * tokens_per_step / max(time.perf_counter() - window_start, 1e-9)  # since last row
-            if not math.isfinite(train_loss):
-                raise UsageError(diverged(f"the training loss became {train_loss} at step {step}", out))
-            if remembering and train_config.max_time:
-                costs.step = tokens_per_step / speed
-                if not reserve_timed:  # a step: ~3 forward passes
-                    costs.estimate(1 / (3 * speed))
-                reserve = costs.reserve(train_config.max_time)
-            # a memory that would run into the time kept for the end is left out of this validation
-            with_memory = mid_run_memory and not (finished or stopping) and not (train_config.max_time and run_progress(
-                step, elapsed + costs.validation_with_memory(), train_config, reserve) >= 1)
-            score, mixed, validated = validate(with_memory) \
-                if evaluating and (world.is_main or world.fsdp) else (None, None, True)
-            if logging:
-                row = {"step": step, "train_loss": round(train_loss, 6), "lr": lr,
-                       "tokens_seen": windows_seen * model_config.sequence_len, "elapsed": round(elapsed, 3),
-                       "tokens_per_s": round(speed)}
-                if peak:
-                    row["mfu"] = round(flops_per_token * speed / peak.flops, 4)
-                if score is not None:
-                    val_loss = score.loss
-                    row.update(val_loss=round(score.loss, 6), val_bits_per_char=round(score.bits_per_char, 6))
-                if mixed is not None:  # the end's memory row has the final one
-                    row["val_bits_per_char_with_memory"] = round(mixed.bits_per_char, 6)
-                if world.is_main:
-                    metrics.write(row)
-                bar.update(progress(), step=step, loss=f"{train_loss:.3f}",
-                           val="-" if val_loss is None else f"{val_loss:.3f}", tok_s=f"{speed:,.0f}",
-                           **({"mfu": f"{100 * row['mfu']:.0f}%"} if peak else {}))
-            if saving:
-                checkpoint(score.loss if score else None, mixed.bits_per_char if mixed else None,
-                           validation_failed=not validated)
-            if evaluating and not finished and train_config.max_time:  # one that ran past the time is the last
-                elapsed, reserve = distributed.agree([time.perf_counter() - started, reserve], world)
-                finished = progress() >= 1.0
-            window_start, window_steps = time.perf_counter(), 0
-        if remembering and not stopping and (out / WEIGHTS_FILE).exists():
-            remember_training_text(out, model_config, splits, eot, train_config.eval_stride, device, low_precision,
-                                   metrics, say, step, reserve, time.perf_counter() - started)
-    if world.is_main:
-        plot_losses(out / "metrics.jsonl", out / "loss.png")
-    interrupted_by = (stop.received or "SIGTERM") if stopping else None
-    if interrupted_by:
-        say(f"stopped by {interrupted_by} at step {step}; checkpoint saved. Continue with: "
-            f"gpt train --resume --out {out}", file=sys.stderr)
-    else:
-        say(f"done: step {step}, kept weights' val loss {best_val:.4f}; checkpoint in {out}", file=sys.stderr)
-    return RunResult(step, best_val, interrupted_by)
+    def end(self, interrupted_by: str | None) -> RunResult:
+        if self.world.is_main:
+            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+        if interrupted_by:
+            self.say(f"stopped by {interrupted_by} at step {self.step}; checkpoint saved. Continue with: "
+                     f"gpt train --resume --out {self.out}", file=sys.stderr)
+        else:
+            self.say(f"done: step {self.step}, kept weights' val loss {self.best_val:.4f}; checkpoint in {self.out}",
+                     file=sys.stderr)
+        return RunResult(self.step, self.best_val, interrupted_by)
 
 
 def diverged(what: str, out: Path) -> str:
