@@ -165,6 +165,7 @@ class Run:
         self.costs = EndCosts(len(splits.val), len(splits.plain_train))
         # no estimate for cores shared by several processes, nor for bf16 (the peak is fp32's)
         self.peak = peak_flops(device) if world.size == 1 and self.low_precision is None else None
+        self.flops_per_token = self.model.flops_per_token()
         self.average, self.metrics, self.started = None, None, 0.0
 
     def restore(self, state: dict | None, initial: Checkpoint | None) -> None:
@@ -297,7 +298,7 @@ class Run:
                "tokens_seen": self.windows_seen * self.model_config.sequence_len, "elapsed": round(self.elapsed, 3),
                "tokens_per_s": round(speed)}
         if self.peak:
-            row["mfu"] = round(self.model.flops_per_token() * speed / self.peak.flops, 4)
+            row["mfu"] = round(self.flops_per_token * speed / self.peak.flops, 4)
         if score is not None:
             self.val_loss = score.loss
             row.update(val_loss=round(score.loss, 6), val_bits_per_char=round(score.bits_per_char, 6))
