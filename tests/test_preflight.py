@@ -1,15 +1,20 @@
-"""gpt.preflight's memory estimate: the closed-form parameter count against a built model, and the printed
-estimate against the peak resident memory that a real training run, in its own process, reaches."""
+"""gpt.preflight's estimates: the closed-form parameter count against a built model, the printed memory
+estimate against the peak resident memory that a real training run, in its own process, reaches, and the disk
+estimate against the files a run writes; runs and `gpt prepare` on a disk too small for them (a real tmpfs, in a
+user namespace of its own) are refused before they write anything."""
 
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+from cli_helpers import assert_one_clear_line
 
+from gpt.checkpoint import MEMORY_FILE, STATE_FILE, WEIGHTS_FILE, load_checkpoint
 from gpt.config import ModelConfig
 from gpt.model import GPT
-from gpt.preflight import parameters
+from gpt.preflight import parameters, run_files
 
 
 @pytest.mark.parametrize("arch", ["gpt1", "gpt2"])
@@ -39,3 +44,68 @@ def test_estimate_is_within_30_percent_of_the_peak(tmp_path, name, toml):
     estimate, peak = peak_of_run(tmp_path, name, toml)
     print(f"{name}: estimated {estimate} GB, peak RSS {peak:.3f} GB")
     assert abs(estimate - peak) <= 0.3 * peak, (estimate, peak)
+
+
+def test_disk_estimate_matches_the_files_a_run_writes(tmp_path):
+    """Each file within 10% of its estimate: a tiny run with a memory of the training text."""
+    (tmp_path / "memory.toml").write_text("[model]\nmemory_weight = 0.3\n")
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "gpt", "train", "--preset", "tiny", "--config",
+                           str(tmp_path / "memory.toml"), "--max-steps", "3", "--quiet", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    checkpoint = load_checkpoint(out)
+    plain = len(checkpoint.memory.text)
+    token_bytes = sum(path.stat().st_size for path in (out / "data").glob("*.bin"))
+    estimate = run_files(checkpoint.model_config, checkpoint.train_config, plain, token_bytes)
+    written = {"the training state": STATE_FILE, "the weights": WEIGHTS_FILE,
+               "the memory of the training text": MEMORY_FILE}
+    for part, name in written.items():
+        size = (out / name).stat().st_size
+        print(f"{part}: estimated {estimate[part]:,} bytes, written {size:,}")
+        assert abs(estimate[part] - size) <= 0.1 * size, (part, estimate[part], size)
+
+
+def on_small_disk(size: str, command: str) -> subprocess.CompletedProcess:
+    """`command` (a shell line) run where /mnt of a private mount namespace is a tmpfs of `size`."""
+    return subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs /mnt && {command}"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return on_small_disk("1m", "true").returncode == 0
+
+
+small_disk = pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare -rm and tmpfs (user namespaces)")
+
+
+@small_disk
+def test_a_run_too_big_for_its_disk_is_refused_before_it_writes():
+    """The tiny preset writes ~1.2 MB (state, weights, token data, and the state again while it is replaced)."""
+    result = on_small_disk("1m", f"{sys.executable} -m gpt train --preset tiny --max-steps 5 --out /mnt/run; "
+                                 "rc=$?; ls -A /mnt; exit $rc")
+    line = assert_one_clear_line(result, "/mnt/run", "free", "choose another folder")
+    assert re.search(r"needs ~1\.\d MB .* only 1\.0 MB is free", line), line
+    assert result.stdout == ""  # the folder was not even created
+
+
+@small_disk
+def test_the_same_run_fits_a_disk_of_its_size():
+    result = on_small_disk("3m", f"{sys.executable} -m gpt train --preset tiny --max-steps 5 --quiet --out /mnt/run "
+                                 "&& ls /mnt/run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "model.safetensors" in result.stdout
+
+
+@small_disk
+def test_prepare_too_big_for_its_disk_is_refused_before_it_writes(tmp_path, alice_text):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for copy in range(12):  # ~1.2 MB of token shards at the default vocabulary
+        (corpus / f"part{copy}.txt").write_text(alice_text)
+    result = on_small_disk("1m", f"{sys.executable} -m gpt prepare --data {corpus} --out /mnt/data; "
+                                 "rc=$?; ls -A /mnt; exit $rc")
+    assert_one_clear_line(result, "gpt prepare needs", "/mnt/data", "only 1.0 MB is free")
+    assert result.stdout == ""

@@ -1,4 +1,5 @@
-"""Pre-flight checks: what a training run will need in memory, refused before anything is allocated.
+"""Pre-flight checks: what a training run will need in memory and on disk, refused before anything is allocated
+or written.
 
 Why: a typo such as `num_layers = 1000000000` is a valid config, and without a check the run sits building
 layers and taking memory until the operating system kills it. The estimate is a closed form of the config
@@ -8,17 +9,23 @@ The estimate is of the process's peak resident memory: the runtime already loade
 the check runs: Python, torch, tokenizers), RUNTIME_BYTES for what the run adds whatever its size, and the
 model's part: fp32 weights, gradients and AdamW's two moments, the activations one step keeps for backward,
 and the logits with the loss's copies of them.
+
+The disk estimate is of the files a run writes (token data, weights, training state, the memory of the training
+text) or `gpt prepare` writes (token shards), each once, plus the largest of them a second time: every file is
+replaced atomically, so a new copy sits beside the old one until the rename.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from gpt.config import ModelConfig, TrainConfig, UsageError
+from gpt.memory import fits as memory_fits
 
 GB = 1e9
 # measured on Linux with torch 2.13 (CPU): the tiny preset's peak RSS is ~150 MB above the RSS after imports
@@ -101,3 +108,42 @@ def check_training(model_config: ModelConfig, train_config: TrainConfig, vocab_s
                          f"{available / GB:,.1f} GB available; "
                          f"{what_to_lower(part, model_config, train_config, vocab_size)}")
     return total
+
+
+def size_text(num_bytes: float) -> str:
+    return f"{num_bytes / GB:,.1f} GB" if num_bytes >= 0.1 * GB else f"{num_bytes / 1e6:,.1f} MB"
+
+
+def free_disk(folder: Path) -> int | None:
+    """Free bytes on the filesystem of `folder`, or of its nearest existing parent; None where it cannot be read."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def run_files(model_config: ModelConfig, train_config: TrainConfig, plain_tokens: int, token_bytes: int,
+              ) -> dict[str, int]:
+    """Bytes of each file a run writes: token_bytes of token data (0 for prepared shards, read in place)."""
+    P = parameters(model_config, model_config.vocab_size)
+    states = 3 + (1 if train_config.weight_average else 0)  # raw weights, AdamW's two moments, the average
+    files = {"the training state": 4 * P * states, "the weights": 4 * P, "the token data": token_bytes}
+    if memory_fits(plain_tokens, model_config):  # fp16 keys, 32-bit values and the tokens themselves
+        files["the memory of the training text"] = plain_tokens * (2 * model_config.embed_dim + 8)
+    return files
+
+
+def check_disk(folder: Path, files: dict[str, int], needed: int, what: str, fixes: dict[str, str]) -> int:
+    """`needed` bytes back; a UsageError with the figures when the disk of `folder` has less free. `files` are
+    the bytes by file (the largest is named), `fixes` the setting to lower where a file dominates."""
+    free = free_disk(folder)
+    if free is not None and needed > free:
+        largest = max(files, key=files.get)
+        fix = fixes.get(largest)
+        raise UsageError(f"{what} needs ~{size_text(needed)} of disk in {folder} ({largest} "
+                         f"~{size_text(files[largest])}) but only {size_text(free)} is free; free some space or "
+                         f"choose another folder" + (f", or {fix}" if fix else ""))
+    return needed

@@ -28,10 +28,12 @@ from gpt.checkpoint import write_text
 from gpt.config import UsageError
 from gpt.corpus import text_files
 from gpt.dataset import TokenSplits, token_dtype
+from gpt.preflight import check_disk
 from gpt.tokenizer import EOT, encode, load_tokenizer, save_tokenizer, special_id, train_tokenizer
 
 MANIFEST = "manifest.json"
 BLOCK_BYTES = 4 << 20
+SAMPLE_CHARS = 1 << 20  # text encoded up front to estimate the shards' size
 SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 BOUNDARY = re.compile(rb"(?<=[!-~])\n(?=[!-~])")  # visible ASCII, newline | visible ASCII
 
@@ -165,7 +167,6 @@ def prepare(source: str | Path, out: str | Path, vocab_size: int = 2048, val_fra
     """Tokenize a text file or folder of .txt files into shards; returns the manifest."""
     out = Path(out)
     files = text_files(Path(source).expanduser())
-    out.mkdir(parents=True, exist_ok=True)
     blocks = [b for path in files for b in blocks_of(path, block_bytes)]
     workers = workers or os.cpu_count() or 1
     with worker_pool(workers) as pool:
@@ -188,8 +189,10 @@ def prepare(source: str | Path, out: str | Path, vocab_size: int = 2048, val_fra
     else:
         train_text = (read_block(b)[:inside] for b, inside, in_val, _ in jobs if not in_val)
         tokenizer = train_tokenizer(train_text, vocab_size)
-    save_tokenizer(tokenizer, out / "tokenizer.json")
     dtype = token_dtype(tokenizer.get_vocab_size())
+    check_shards_disk(out, tokenizer, jobs, total + len(files), dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, out / "tokenizer.json")
     writers = {part: ShardWriter(out, part, dtype, shard_tokens) for part in ("train", "val")}
     with worker_pool(workers, _load_worker_tokenizer, (tokenizer.to_str(),)) as pool:
         for pieces in pool.imap(_encode, jobs, chunksize=1):
@@ -208,6 +211,16 @@ def prepare(source: str | Path, out: str | Path, vocab_size: int = 2048, val_fra
     }
     write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
+
+
+def check_shards_disk(out: Path, tokenizer: Tokenizer, jobs: list, characters: int, dtype: np.dtype) -> int:
+    """Refuse before writing when the shards cannot fit: their size from the tokens per character of the first
+    block's first MB (a tenth more, for text that tokenizes less well), less the shards they replace."""
+    sample = read_block(jobs[0][0])[:SAMPLE_CHARS]
+    tokens = characters * max(len(encode(tokenizer, sample)), 1) / max(len(sample), 1)
+    shards = int(1.1 * tokens) * dtype.itemsize
+    replaced = sum(p.stat().st_size for p in out.glob("*_[0-9][0-9][0-9].bin")) if out.is_dir() else 0
+    return check_disk(out, {"the token shards": shards}, shards - replaced, "gpt prepare", {})
 
 
 def is_prepared(path: str | Path | None) -> bool:

@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer
 
 from gpt.checkpoint import (
+    MEMORY_FILE,
+    STATE_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
     Checkpoint,
@@ -34,6 +36,7 @@ from gpt.logs import MetricsLog
 from gpt.memory import build_memory, fits
 from gpt.model import GPT
 from gpt.predictor import Predictor
+from gpt.preflight import check_disk, run_files, what_to_lower
 from gpt.prepare import is_prepared, load_prepared
 from gpt.tokenizer import PAD, load_tokenizer, train_tokenizer
 
@@ -120,10 +123,28 @@ def prepare_data(
     if not resume:
         model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), tokenizer.token_to_id(PAD)
     check_lengths(splits, model_config.sequence_len)
+    check_run_disk(out, model_config, train_config, splits, writes_tokens=not is_prepared(data))
     if not is_prepared(data):  # written only now: bad input leaves the folder as it was
         splits.train = write_tokens(out / "data" / "train.bin", splits.train)
         splits.val = write_tokens(out / "data" / "val.bin", splits.val)
     return tokenizer, splits, state, data
+
+
+def check_run_disk(out: Path, model_config: ModelConfig, train_config: TrainConfig, splits: TokenSplits,
+                   writes_tokens: bool) -> int:
+    """Refuse a run whose files cannot fit on the disk of `out`, before the first of them is written."""
+    token_bytes = (len(splits.train) + len(splits.val)) * splits.train.dtype.itemsize if writes_tokens else 0
+    plain = len(splits.plain_train)
+    files = run_files(model_config, train_config, plain, token_bytes)
+    replaced = sum(path.stat().st_size for path in (out / WEIGHTS_FILE, out / STATE_FILE, out / MEMORY_FILE,
+                                                    out / "data" / "train.bin", out / "data" / "val.bin")
+                   if path.is_file())
+    model_fix = what_to_lower("", model_config, train_config, model_config.vocab_size)
+    fixes = {"the training state": model_fix, "the weights": model_fix,
+             "the token data": f"lower train.bpe_copies ({train_config.bpe_copies})",
+             "the memory of the training text": "set model.memory_weight = 0 (no memory)"}
+    needed = sum(files.values()) + max(files.values()) - replaced  # the largest twice: the atomic replace
+    return check_disk(out, files, needed, "this run", fixes)
 
 
 def read_prepared(out: Path, data: str | None, model_config: ModelConfig) -> tuple[Tokenizer, TokenSplits]:
