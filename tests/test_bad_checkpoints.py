@@ -70,6 +70,8 @@ CASES = {
     "config_not_json": ("eval", lambda f: (f / CONFIG_FILE).write_text("{\"model\": "), ["not valid JSON"]),
     "config_wrong_type": ("generate", lambda f: edit_config(f, with_key("num_layers", "two")),
                           ["config.json is damaged", "model.num_layers must be a int"]),
+    "config_of_an_absurd_size": ("generate", lambda f: edit_config(f, with_key("num_layers", 10**6)),
+                                 ["of memory to load", "~101", "its network", "use a machine with more memory"]),
     "config_unknown_key": ("eval", lambda f: edit_config(f, with_key("n_layer", 2)), ["unknown key model.n_layer"]),
     "config_without_model": ("eval", lambda f: edit_config(f, lambda i: i.pop("model")), ["section is missing"]),
     "tokenizer_of_another_size": ("generate", other_tokenizer(+16), ["has 336 tokens", "expects 320"]),

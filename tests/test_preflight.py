@@ -3,13 +3,15 @@ estimate against the peak resident memory that a real training run, in its own p
 estimate against the files a run writes; runs and `gpt prepare` on a disk too small for them (a real tmpfs, in a
 user namespace of its own) are refused before they write anything."""
 
+import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 
 import pytest
-from cli_helpers import assert_one_clear_line
+from cli_helpers import assert_one_clear_line, gpt_in_process
 
 from gpt.checkpoint import MEMORY_FILE, STATE_FILE, WEIGHTS_FILE, load_checkpoint
 from gpt.config import ModelConfig
@@ -109,3 +111,34 @@ def test_prepare_too_big_for_its_disk_is_refused_before_it_writes(tmp_path, alic
                                  "rc=$?; ls -A /mnt; exit $rc")
     assert_one_clear_line(result, "gpt prepare needs", "/mnt/data", "only 1.0 MB is free")
     assert result.stdout == ""
+
+
+def test_a_memory_too_big_for_ram_is_refused_and_can_be_left_out(tiny_run, tmp_path):
+    """A memory file of 60 GB (sparse: nothing is read before the check) against this machine's RAM."""
+    folder = tmp_path / "run"
+    shutil.copytree(tiny_run, folder)
+    info = json.loads((folder / "config.json").read_text())
+    info["model"]["memory_weight"] = 0.3
+    (folder / "config.json").write_text(json.dumps(info))
+    with open(folder / MEMORY_FILE, "wb") as handle:
+        handle.truncate(60 * 2**30)
+    if os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") > 3 * 60 * 2**30:
+        pytest.skip("this machine has the RAM for it")
+    assert_one_clear_line(gpt_in_process("eval", "--checkpoint", str(folder)), "of memory to load",
+                          "its memory of the training text ~193", "--no-memory")
+    alone = gpt_in_process("eval", "--checkpoint", str(folder), "--no-memory")
+    assert alone.returncode == 0, alone.stderr
+
+
+def test_import_of_an_absurd_size_is_refused_before_loading(tiny_run, tmp_path):
+    pytest.importorskip("transformers")
+    from gpt.hf import export_checkpoint
+
+    exported = export_checkpoint(tiny_run, tmp_path / "hf")
+    info = json.loads((exported / "config.json").read_text())
+    layers = "n_layer" if "n_layer" in info else "num_hidden_layers"
+    info[layers] = 10**6
+    (exported / "config.json").write_text(json.dumps(info))
+    result = gpt_in_process("import", "--from", str(exported), "--out", str(tmp_path / "imported"))
+    assert_one_clear_line(result, "of memory to load", "its network")
+    assert not (tmp_path / "imported").exists()

@@ -30,6 +30,7 @@ from gpt.config import ModelConfig, TrainConfig, UsageError, apply_overrides, fi
 from gpt.memory import Memory
 from gpt.model import GPT
 from gpt.predictor import Predictor
+from gpt.preflight import check_loading
 from gpt.tokenizer import load_tokenizer, tokenizer_info
 
 FORMAT_VERSION = 1
@@ -148,17 +149,21 @@ def configs_from(info: dict, path: Path) -> tuple[ModelConfig, TrainConfig]:
     return model_config, train_config
 
 
-def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Network (in eval mode), its memory, tokenizer and configs from a checkpoint folder."""
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", memory: bool = True) -> Checkpoint:
+    """Network (in eval mode), its memory (unless `memory` is False), tokenizer and configs from a checkpoint
+    folder; refused before anything is built when it cannot fit in RAM (gpt.preflight)."""
     folder = Path(folder)
     info = read_config(folder)
     model_config, train_config = configs_from(info, folder)
     tokenizer = load_tokenizer(folder / TOKENIZER_FILE)
     check_tokenizer(tokenizer, model_config, info, folder)
+    memory_path = folder / MEMORY_FILE
+    memory = memory and model_config.memory_weight > 0 and memory_path.is_file()
+    check_loading(model_config, memory_path.stat().st_size if memory else 0, folder)
     model = GPT(config=model_config)
     load_weights(model, folder / WEIGHTS_FILE)
     model.to(device).eval()
-    memory = load_memory(folder, model_config, weights_step(folder / WEIGHTS_FILE), device)
+    memory = load_memory(folder, model_config, weights_step(folder / WEIGHTS_FILE), device) if memory else None
     return Checkpoint(model, tokenizer, model_config, train_config, info, memory)
 
 

@@ -179,9 +179,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
-    checkpoint = load_checkpoint(args.checkpoint, choose_device(args.device))
-    if args.no_memory:
-        checkpoint.memory = None
+    checkpoint = load_checkpoint(args.checkpoint, choose_device(args.device), memory=not args.no_memory)
     retriever = Retriever(checkpoint.tokenizer, checkpoint.predictor)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, min_p=args.min_p,
@@ -256,9 +254,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from gpt.prepare import is_prepared, load_prepared
     from gpt.tokenizer import EOT, special_id
 
-    checkpoint = load_checkpoint(args.checkpoint, choose_device(args.device))
-    if args.no_memory:
-        checkpoint.memory = None
+    checkpoint = load_checkpoint(args.checkpoint, choose_device(args.device), memory=not args.no_memory)
     source, predictor = checkpoint.info.get("data", "alice"), checkpoint.predictor
     if args.text:
         what = args.text

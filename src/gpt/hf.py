@@ -36,6 +36,7 @@ from gpt.checkpoint import (
 from gpt.config import ModelConfig, TrainConfig, UsageError, first_line
 from gpt.hf_card import model_card
 from gpt.model import GPT
+from gpt.preflight import check_loading
 from gpt.tokenizer import EOT, PAD, decode, encode
 
 MODEL_TYPES = {"openai-gpt": "OpenAIGPTLMHeadModel", "opt": "OPTForCausalLM", "gpt2": "GPT2LMHeadModel"}
@@ -352,6 +353,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise UsageError(f"the tokenizer in {hf_dir} has {tokenizer.get_vocab_size()} tokens but the model "
                          f"{config.vocab_size}; wonderland-gpt needs them equal")
+    check_loading(config, 0, hf_dir, copies=3)
     hf_model = load_hf_model(hf_dir, transformers)
     state = from_hf_state_dict(hf_model.state_dict(), config)
     check_output_folder(out, hf_dir, "checkpoint")

@@ -110,6 +110,23 @@ def check_training(model_config: ModelConfig, train_config: TrainConfig, vocab_s
     return total
 
 
+def check_loading(config: ModelConfig, memory_file_bytes: int, folder: Path, copies: int = 2) -> int:
+    """Refuse to load a checkpoint that cannot fit in RAM: its network is built there and the weights file read
+    beside it (`copies` fp32 copies of the parameters, counted from the config: no file is read; gpt import holds
+    three: transformers' model, the converted tensors and ours), and its memory's fp16 keys are scanned as fp32
+    (three times the file while both exist). Returns the estimate in bytes."""
+    parts = {"its network": 4 * copies * parameters(config, config.vocab_size),
+             "its memory of the training text": 3 * memory_file_bytes}
+    total, available = sum(parts.values()), available_memory(torch.device("cpu"))
+    if available is not None and total > available:
+        largest = max(parts, key=parts.get)
+        fix = ("leave the memory out (--no-memory) or use a machine with more memory" if largest.endswith("text")
+               else "use a machine with more memory")
+        raise UsageError(f"{folder} needs ~{size_text(total)} of memory to load ({largest} "
+                         f"~{size_text(parts[largest])}) but only {size_text(available)} is available; {fix}")
+    return total
+
+
 def size_text(num_bytes: float) -> str:
     return f"{num_bytes / GB:,.1f} GB" if num_bytes >= 0.1 * GB else f"{num_bytes / 1e6:,.1f} MB"
 
