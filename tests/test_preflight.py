@@ -41,6 +41,7 @@ def peak_of_run(tmp_path, name: str, toml: str) -> tuple[float, float]:
 @pytest.mark.parametrize("name, toml", [
     ("tiny", "[train]\nbatch_size = 8\n"),
     ("wider", "[model]\nembed_dim = 384\nnum_heads = 4\nnum_layers = 4\n[train]\nbatch_size = 32\n"),
+    ("memory", "[model]\nmemory_weight = 0.3\n[train]\nbatch_size = 8\n"),  # the memory's peak at the end
 ])
 def test_estimate_is_within_30_percent_of_the_peak(tmp_path, name, toml):
     estimate, peak = peak_of_run(tmp_path, name, toml)

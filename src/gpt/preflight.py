@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from gpt.config import ModelConfig, TrainConfig, UsageError
+from gpt.memory import QUERY_CHUNK
 from gpt.memory import fits as memory_fits
 
 GB = 1e9
@@ -32,6 +33,9 @@ GB = 1e9
 # (the first backward and optimizer step's kernels and allocator pools ~90 MB, the loss plot's matplotlib
 # ~35 MB, tokenizer training and the token arrays ~25 MB), for a model whose own part is under 1 MB
 RUNTIME_BYTES = 150 * 2**20
+# (queries x keys) float arrays alive at once while the memory scores a chunk of queries: the tiny preset's peak
+# rose by 0.39 GB with a memory of 85,051 positions, about this many copies of 256 x 85,051 floats
+MEMORY_SCRATCH_COPIES = 4.5
 
 
 def parameters(config: ModelConfig, vocab_size: int) -> int:
@@ -50,8 +54,11 @@ def process_rss() -> int:
         return 0
 
 
-def training_parts(model_config: ModelConfig, train_config: TrainConfig, vocab_size: int) -> dict[str, int]:
-    """Bytes by what holds them, for one process training fp32 (bf16 autocast keeps fp32 weights too)."""
+def training_parts(model_config: ModelConfig, train_config: TrainConfig, vocab_size: int,
+                   memory_tokens: int = 0) -> dict[str, int]:
+    """Bytes by what holds them, for one process training fp32 (bf16 autocast keeps fp32 weights too), with the
+    memory of `memory_tokens` training positions built at the end (its keys: fp16 pieces, joined, scanned as fp32;
+    the scratch of scoring with it)."""
     P = parameters(model_config, vocab_size)
     E, L, f = model_config.embed_dim, model_config.num_layers, model_config.forward_expansion
     tokens = train_config.batch_size * model_config.sequence_len
@@ -61,7 +68,13 @@ def training_parts(model_config: ModelConfig, train_config: TrainConfig, vocab_s
         "weights, gradients and optimizer state": 4 * P * states,
         "activations": 4 * tokens * ((L + 1) * per_layer + 2 * E + 3 * vocab_size),
         "runtime": process_rss() + RUNTIME_BYTES,
+        "the memory of the training text": int(memory_tokens * (8 * E + 24 + MEMORY_SCRATCH_COPIES * 4 * QUERY_CHUNK)),
     }
+
+
+def peak_of(parts: dict[str, int]) -> int:
+    """The memory is built after the last step, when the activations are gone: only the larger of them counts."""
+    return sum(parts.values()) - min(parts["activations"], parts["the memory of the training text"])
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -86,6 +99,8 @@ def what_to_lower(part: str, model_config: ModelConfig, train_config: TrainConfi
     m, t = model_config, train_config
     if part == "activations":
         return f"lower train.batch_size ({t.batch_size}) or model.sequence_len ({m.sequence_len})"
+    if part == "the memory of the training text":
+        return "set model.memory_weight = 0 (no memory), or train on less text"
     E = m.embed_dim
     terms = {f"train.tokenizer_vocab_size ({vocab_size}) or model.embed_dim ({E})": vocab_size * E,
              f"model.sequence_len ({m.sequence_len})": m.sequence_len * E,
@@ -94,15 +109,18 @@ def what_to_lower(part: str, model_config: ModelConfig, train_config: TrainConfi
 
 
 def check_training(model_config: ModelConfig, train_config: TrainConfig, vocab_size: int,
-                   device: torch.device) -> int:
-    """The run's estimated peak in bytes; a UsageError with the figures when it exceeds what is available."""
-    parts = training_parts(model_config, train_config, vocab_size)
-    total = sum(parts.values())
+                   device: torch.device, memory_tokens: int = 0) -> int:
+    """The run's estimated peak in bytes; a UsageError with the figures when it exceeds what is available.
+    Checked before anything is built, and again with `memory_tokens` once the text is tokenized."""
+    parts = training_parts(model_config, train_config, vocab_size, memory_tokens)
+    total = peak_of(parts)
     available = available_memory(device)
     if available is not None and total > available:
         largest = max(parts, key=parts.get)
         single = dataclasses.replace(train_config, batch_size=1)  # when one window does not fit, the model is too big
-        part = "activations" if sum(training_parts(model_config, single, vocab_size).values()) <= available else ""
+        part = "activations" if peak_of(training_parts(model_config, single, vocab_size)) <= available else ""
+        if largest == "the memory of the training text":
+            part = largest
         raise UsageError(f"this run needs ~{total / GB:,.1f} GB of memory ({largest} ~{parts[largest] / GB:,.1f} GB "
                          f"for {parameters(model_config, vocab_size):,} parameters) but {device.type} has "
                          f"{available / GB:,.1f} GB available; "

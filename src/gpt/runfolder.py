@@ -36,7 +36,7 @@ from gpt.logs import MetricsLog
 from gpt.memory import build_memory, fits
 from gpt.model import GPT
 from gpt.predictor import Predictor
-from gpt.preflight import check_disk, run_files, what_to_lower
+from gpt.preflight import check_disk, check_training, run_files, what_to_lower
 from gpt.prepare import is_prepared, load_prepared
 from gpt.tokenizer import PAD, load_tokenizer, train_tokenizer
 
@@ -88,9 +88,10 @@ def load_initial(init_from: str | Path, model_config: ModelConfig, out: Path, re
 
 def prepare_data(
     model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool,
-    tokenizer: Tokenizer | None = None,
-) -> tuple[Tokenizer, TokenSplits, dict | None, str | None]:
-    """Tokenizer (trained, the run's own when resuming, or the given one), token splits, saved state and source.
+    device: torch.device, tokenizer: Tokenizer | None = None,
+) -> tuple[Tokenizer, TokenSplits, dict | None, str | None, int]:
+    """Tokenizer (trained, the run's own when resuming, or the given one), token splits, saved state, source and
+    the run's memory estimate, now with the memory of the training text (checked before anything is written).
 
     Fills in the model's vocabulary size and padding id, which the tokenizer decides.
     """
@@ -123,11 +124,13 @@ def prepare_data(
     if not resume:
         model_config.vocab_size, model_config.pad_idx = tokenizer.get_vocab_size(), tokenizer.token_to_id(PAD)
     check_lengths(splits, model_config.sequence_len)
+    remembered = len(splits.plain_train) if fits(len(splits.plain_train), model_config) else 0
+    estimate = check_training(model_config, train_config, model_config.vocab_size, device, remembered)
     check_run_disk(out, model_config, train_config, splits, writes_tokens=not is_prepared(data))
     if not is_prepared(data):  # written only now: bad input leaves the folder as it was
         splits.train = write_tokens(out / "data" / "train.bin", splits.train)
         splits.val = write_tokens(out / "data" / "val.bin", splits.val)
-    return tokenizer, splits, state, data
+    return tokenizer, splits, state, data, estimate
 
 
 def check_run_disk(out: Path, model_config: ModelConfig, train_config: TrainConfig, splits: TokenSplits,

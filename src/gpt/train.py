@@ -99,7 +99,8 @@ def train(
 def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool,
            show_progress: bool, world: distributed.World, device: torch.device,
            initial: Checkpoint | None, init_from: str | Path | None, estimate: int) -> RunResult:
-    tokenizer, splits, state = _prepare(model_config, train_config, out, data, resume, world, initial, init_from)
+    tokenizer, splits, state, estimate = _prepare(model_config, train_config, out, data, resume, world, device,
+                                                  initial, init_from, estimate)
     run = Run(model_config, train_config, out, world, device, splits, special_id(tokenizer, EOT), show_progress)
     run.restore(state, initial)
     if resume and run.progress() >= 1.0:
@@ -110,15 +111,16 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, out: Path, data
 
 
 def _prepare(model_config: ModelConfig, train_config: TrainConfig, out: Path, data: str | None, resume: bool,
-             world: distributed.World, initial: Checkpoint | None, init_from: str | Path | None,
-             ) -> tuple[Tokenizer, TokenSplits, dict | None]:
-    """Rank 0 tokenizes the text (or reads the prepared data) and writes the run's config; the others then read it."""
+             world: distributed.World, device: torch.device, initial: Checkpoint | None,
+             init_from: str | Path | None, estimate: int) -> tuple[Tokenizer, TokenSplits, dict | None, int]:
+    """Rank 0 tokenizes the text (or reads the prepared data) and writes the run's config; the others then read it.
+    Returns rank 0's memory estimate with the memory of the training text, the others' `estimate` as it was."""
     failure = None
     if world.is_main:
         created = prepare_output(out)
         try:
-            tokenizer, splits, state, data = prepare_data(model_config, train_config, out, data, resume,
-                                                          initial.tokenizer if initial else None)
+            tokenizer, splits, state, data, estimate = prepare_data(
+                model_config, train_config, out, data, resume, device, initial.tokenizer if initial else None)
             if not resume:  # before the barrier: the other ranks read the tokenizer from it
                 source = {"init_from": str(Path(init_from).resolve())} if init_from is not None else None
                 save_config(out, model_config, train_config, tokenizer, str(Path(data).resolve()) if data else "alice",
@@ -132,7 +134,7 @@ def _prepare(model_config: ModelConfig, train_config: TrainConfig, out: Path, da
     if not world.is_main:
         tokenizer, splits = read_prepared(out, data, model_config)
         state = load_training_state(out) if resume else None
-    return tokenizer, splits, state
+    return tokenizer, splits, state, estimate
 
 
 class Run:
