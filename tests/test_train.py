@@ -24,7 +24,7 @@ def tiny_configs(steps: int):
 
 
 def losses(folder):
-    return [(r["step"], r["train_loss"]) for r in read_metrics(folder / "metrics.jsonl")]
+    return [(r["step"], r["train_loss"]) for r in read_metrics(folder / "metrics.jsonl") if "train_loss" in r]
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -101,9 +101,11 @@ def interrupt_when(condition, timeout: float = 60.0) -> threading.Thread:
     return thread
 
 
-@pytest.mark.parametrize("extras", [{}, {"weight_average": 0.9, "bpe_dropout": 0.1, "bpe_copies": 3}])
-def test_interrupted_run_resumes_exactly(tmp_path, extras):
-    """Also with weight averaging and BPE dropout (the resumed run tokenizes the copies again, from the seed)."""
+@pytest.mark.parametrize("extras, rows", [({}, 3), ({"weight_average": 0.9, "bpe_dropout": 0.1, "bpe_copies": 3}, 3),
+                                          ({"soup_trunk_steps": 20, "soup_branch_steps": 10}, 9)])
+def test_interrupted_run_resumes_exactly(tmp_path, extras, rows):
+    """Also with weight averaging and BPE dropout (the resumed run tokenizes the copies again, from the seed), and
+    stopped inside a soup's second branch (gpt.soup: the trunk and the finished branch are in the state)."""
     def configs():
         model_config, train_config = tiny_configs(60)
         for name, value in extras.items():
@@ -112,7 +114,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, extras):
 
     train(*configs(), tmp_path / "whole", show_progress=False)
     split = tmp_path / "split"
-    watcher = interrupt_when(lambda: len(read_metrics(split / "metrics.jsonl")) >= 3)
+    watcher = interrupt_when(lambda: len(read_metrics(split / "metrics.jsonl")) >= rows)
     result = train(*configs(), split, show_progress=False)
     watcher.join()
     assert result.interrupted_by == "SIGINT" and 0 < result.step < 60

@@ -63,7 +63,8 @@ def training_parts(model_config: ModelConfig, train_config: TrainConfig, vocab_s
     E, L, f = model_config.embed_dim, model_config.num_layers, model_config.forward_expansion
     tokens = train_config.batch_size * model_config.sequence_len
     per_layer = (9 + 2 * f) * E + 2 * model_config.num_heads  # floats a block keeps per token for backward
-    states = 4 + (1 if train_config.weight_average else 0)  # weights, gradients, 2 AdamW moments, the average
+    # weights, gradients, 2 AdamW moments, the average; a soup's trunk (weights, moments) and sum of branches
+    states = 4 + (1 if train_config.weight_average else 0) + (4 if train_config.soup_trunk_steps else 0)
     return {
         "weights, gradients and optimizer state": 4 * P * states,
         "activations": 4 * tokens * ((L + 1) * per_layer + 2 * E + 3 * vocab_size),
@@ -164,7 +165,8 @@ def run_files(model_config: ModelConfig, train_config: TrainConfig, plain_tokens
               ) -> dict[str, int]:
     """Bytes of each file a run writes: token_bytes of token data (0 for prepared shards, read in place)."""
     P = parameters(model_config, model_config.vocab_size)
-    states = 3 + (1 if train_config.weight_average else 0)  # raw weights, AdamW's two moments, the average
+    # raw weights, AdamW's two moments, the average; a soup's trunk (weights, moments) and sum of branches
+    states = 3 + (1 if train_config.weight_average else 0) + (4 if train_config.soup_trunk_steps else 0)
     files = {"the training state": 4 * P * states, "the weights": 4 * P, "the token data": token_bytes}
     if memory_fits(plain_tokens, model_config):  # fp16 keys, 32-bit values and the tokens themselves
         files["the memory of the training text"] = plain_tokens * (2 * model_config.embed_dim + 8)

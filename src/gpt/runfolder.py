@@ -3,6 +3,7 @@ checkpoint a fine-tuning run (--init-from) or a resumed run brings along; and th
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ import torch
 from tokenizers import Tokenizer
 
 from gpt.checkpoint import (
+    CONFIG_FILE,
     MEMORY_FILE,
     STATE_FILE,
     TOKENIZER_FILE,
@@ -27,6 +29,7 @@ from gpt.checkpoint import (
     remove_stale_temporaries,
     save_memory,
     weights_step,
+    write_text,
 )
 from gpt.config import ModelConfig, TrainConfig, UsageError
 from gpt.corpus import load_documents, split_documents
@@ -150,6 +153,14 @@ def check_run_disk(out: Path, model_config: ModelConfig, train_config: TrainConf
     return check_disk(out, files, needed, "this run", fixes)
 
 
+def set_memory_temperature(out: Path, model_config: ModelConfig, temperature: float) -> None:
+    """The memory's temperature for the network a run ends with (a soup's: gpt.soup), in config.json too."""
+    model_config.memory_temperature = temperature
+    info = read_config(out)
+    info["model"]["memory_temperature"] = temperature
+    write_text(out / CONFIG_FILE, json.dumps(info, indent=2) + "\n")
+
+
 def read_prepared(out: Path, data: str | None, model_config: ModelConfig) -> tuple[Tokenizer, TokenSplits]:
     """What rank 0 prepared, as the other ranks of a torchrun job read it (the token files, not the text)."""
     tokenizer = load_tokenizer(out / TOKENIZER_FILE)
@@ -174,11 +185,14 @@ def validation_score(model: GPT | Predictor, splits: TokenSplits, eot: int, stri
 def remember_training_text(
     out: Path, model_config: ModelConfig, splits: TokenSplits, eot: int, stride: int | None, device: torch.device,
     low_precision: torch.dtype | None, metrics: MetricsLog, say, step: int, reserved: float, run_seconds: float,
+    temperature: float = 0.0,
 ) -> None:
     """Build the memory (gpt.memory) of the saved weights over the plain training tokens, save it, and log
     the validation score with and without it, its time against the `reserved` estimate, and the run's time at
-    its end (`run_seconds` before this): what --max-time bounds."""
+    its end (`run_seconds` before this): what --max-time bounds. A `temperature` replaces the memory's own."""
     started = time.perf_counter()
+    if temperature:
+        set_memory_temperature(out, model_config, temperature)
     model = GPT(config=model_config).to(device)
     load_weights(model, out / WEIGHTS_FILE)
     alone = validation_score(model, splits, eot, stride, low_precision)

@@ -35,7 +35,7 @@ from gpt.hardware import autocast_dtype, choose_device, compile_step, compiles, 
 from gpt.logs import MetricsLog, Progress, plot_losses, run_banner
 from gpt.memory import fits
 from gpt.model import GPT, lm_loss
-from gpt.optim import learning_rate, make_optimizer, micro_seed, replaces_kept, run_progress
+from gpt.optim import make_optimizer, micro_seed, replaces_kept, run_progress
 from gpt.preflight import check_training
 from gpt.runfolder import (
     EndCosts,
@@ -48,6 +48,7 @@ from gpt.runfolder import (
     score_with_memory,
     validates_with_memory,
 )
+from gpt.soup import Soup
 from gpt.tokenizer import EOT, special_id
 
 
@@ -169,6 +170,7 @@ class Run:
         self.peak = peak_flops(device) if world.size == 1 and self.low_precision is None else None
         self.flops_per_token = self.model.flops_per_token()
         self.average, self.metrics, self.started = None, None, 0.0
+        self.soup = Soup(config, world.fsdp)
 
     def restore(self, state: dict | None, initial: Checkpoint | None) -> None:
         """Continue from a saved training state, or start from another checkpoint's weights (`--init-from`)."""
@@ -183,6 +185,7 @@ class Run:
             self.step, self.elapsed, self.best_val = state["step"], state["elapsed"], state["best_val_loss"]
             self.best_mixed = state.get("best_val_bits_with_memory", math.inf)
             self.windows_seen = state.get("windows_seen", self.step * self.config.batch_size)
+            self.soup.load_state_dict(state.get("soup", {}))
         elif initial is not None:
             self.model.load_state_dict(initial.model.state_dict())
         self.average = start_average(self.model, self.config.weight_average, self.world.fsdp, state)
@@ -224,6 +227,7 @@ class Run:
                     self.elapsed, signalled, self.reserve = distributed.agree(
                         [time.perf_counter() - self.started, float(bool(stop.received)), self.reserve], world)
                     stopping = signalled > 0
+                self.note(self.soup.after_step(self.model, self.optimizer, self.step, self.progress()))
                 finished = self.progress() >= 1.0
                 evaluating = self.step % config.eval_interval == 0 or finished or stopping
                 logging = self.step % config.log_interval == 0 or evaluating
@@ -235,19 +239,20 @@ class Run:
                 if evaluating and not finished and config.max_time:  # one that ran past the time is the last
                     self.elapsed, self.reserve = distributed.agree(
                         [time.perf_counter() - self.started, self.reserve], world)
-                    finished = self.progress() >= 1.0
+                    finished = self.progress() >= 1.0 and not self.soup.pending  # else one step more: the average
                 window_start, window_steps = time.perf_counter(), 0
             if self.remembering and not stopping and (self.out / WEIGHTS_FILE).exists():
                 remember_training_text(self.out, self.model_config, self.splits, self.eot, config.eval_stride,
                                        self.device, self.low_precision, self.metrics, self.say, self.step,
-                                       self.reserve, time.perf_counter() - self.started)
+                                       self.reserve, time.perf_counter() - self.started,
+                                       config.soup_memory_temperature if self.soup.averaged else 0.0)
         return self.end((stop.received or "SIGTERM") if stopping else None)
 
     def optimizer_step(self, sampler: WindowSampler) -> torch.Tensor:
         """One AdamW step on the global batch: this process's micro-batches, gradients synced on the last one.
         Returns the mean loss as a tensor, so that the step is not waited for unless it is logged."""
         config, world = self.config, self.world
-        self.lr = learning_rate(self.step, self.progress(), config)
+        self.lr = self.soup.learning_rate(self.step, self.progress())
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         micro, accum = config.batch_size, config.grad_accum
@@ -294,6 +299,11 @@ class Run:
         if saving:
             self.checkpoint(score.loss if score else None, mixed.bits_per_char if mixed else None,
                             validation_failed=not validated)
+
+    def note(self, event: str | None) -> None:
+        if event and self.world.is_main:
+            self.metrics.write({"step": self.step, "soup": event})
+            self.say(event, file=sys.stderr)
 
     def log(self, train_loss: float, speed: float, score: Score | None, mixed: Score | None, bar: Progress) -> None:
         row = {"step": self.step, "train_loss": round(train_loss, 6), "lr": self.lr,
@@ -360,7 +370,7 @@ class Run:
                     "model": model_state, "optimizer": optimizer_state, "step": self.step, "elapsed": self.elapsed,
                     "best_val_loss": self.best_val, "best_val_bits_with_memory": self.best_mixed,
                     "windows_seen": self.windows_seen, "rng": torch.get_rng_state(),
-                    **({"average": self.average.state_dict()} if self.average else {}),
+                    **({"average": self.average.state_dict()} if self.average else {}), "soup": self.soup.state_dict(),
                 })
             except (OSError, RuntimeError, SafetensorError) as err:
                 failure = (f"could not save the checkpoint in {out} at step {self.step} ({first_line(err)}); the "
