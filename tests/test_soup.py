@@ -27,6 +27,7 @@ def stepped(config: TrainConfig, steps: int, total: int | None = None):
         before[step] = model.weight.detach().clone()
         soup.after_step(model, optimizer, step, step / total)
         after[step] = model.weight.detach().clone()
+    stepped.optimizer = optimizer  # the last run's, for the weight decay it ends with
     return before, after, soup
 
 
@@ -47,6 +48,14 @@ def test_each_branch_decays_to_the_floor_from_the_peak():
     soup.load_state_dict({"trunk": {}, "done": 1})  # inside the second branch
     assert soup.learning_rate(20, 0.5) == pytest.approx(config.learning_rate)  # its start: the peak
     assert soup.learning_rate(29, 0.75) == pytest.approx(config.learning_rate * config.min_lr_ratio)
+
+
+@pytest.mark.parametrize("steps, decay", [(40, 1.0), (25, 0.1)])
+def test_a_run_that_branches_takes_the_soups_weight_decay(steps, decay):
+    config = TrainConfig(max_steps=steps, max_time=None, warmup_steps=1, soup_trunk_steps=10, soup_branch_steps=10,
+                         soup_weight_decay=1.0)
+    stepped(config, steps)
+    assert [group["weight_decay"] for group in stepped.optimizer.param_groups] == [decay]
 
 
 def test_a_budget_without_room_for_two_branches_is_one_cosine():

@@ -114,6 +114,7 @@ class TrainConfig:
     soup_trunk_steps: int = 0  # steps of a trunk at the peak learning rate before branches (gpt.soup); 0: off
     soup_branch_steps: int = 230  # the least steps a branch gets; as many branches as fit follow the trunk
     soup_memory_temperature: float = 0.0  # model.memory_temperature for the branches' average (0: unchanged)
+    soup_weight_decay: float = 0.0  # weight_decay from the moment a run decides to branch (0: unchanged)
     weight_average: float = 0.0  # decay of an exponential moving average of the weights (0: off), used to
     # validate and save the model; e.g. 0.98 averages over about the last 50 steps
 
@@ -150,7 +151,8 @@ class TrainConfig:
             value = getattr(self, item.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"train.{item.name} must be a finite number, got {value}")
-        for name in ("warmup_steps", "seed", "weight_decay", "soup_trunk_steps", "soup_memory_temperature"):
+        for name in ("warmup_steps", "seed", "weight_decay", "soup_trunk_steps", "soup_memory_temperature",
+                     "soup_weight_decay"):
             if getattr(self, name) < 0:
                 raise UsageError(f"train.{name} must be zero or more, got {getattr(self, name)}")
         if self.seed >= 2**63:
@@ -187,8 +189,8 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(
         model=dict(dropout=0.0, attention_dropout=0.0, memory_weight=0.45, memory_temperature=120.0,
                    memory_ngram_weight=0.2, memory_ngram_order=4),
-        train=dict(bpe_dropout=0.07, bpe_copies=20, retyped_copies=0.5, eval_interval=180, weight_decay=1.0,
-                   soup_trunk_steps=400, soup_branch_steps=230, soup_memory_temperature=150.0),
+        train=dict(bpe_dropout=0.07, bpe_copies=20, retyped_copies=0.5, eval_interval=180, soup_trunk_steps=400,
+                   soup_branch_steps=230, soup_weight_decay=1.0, soup_memory_temperature=150.0),
         about="6 layers, 512 wide, 64-token context, BPE dropout, half the copies in other typographies, "
               "a memory of the training text (neighbours and n-gram counts): the default, "
               "tuned for 10 minutes on a laptop CPU",

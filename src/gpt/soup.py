@@ -10,6 +10,8 @@ cost of one network when sampling.
 
 How many branches fit is decided from the run's measured progress: a run whose budget holds fewer than two
 branches after the trunk is trained as before, one cosine over the whole budget (a slow machine's 10 minutes).
+A run that branches also takes `soup_weight_decay` from then on: weight decay 1.0 helps a network trained for 450
+steps or more and hurts one of ~350 (docs/training.md, round 21).
 """
 
 from __future__ import annotations
@@ -64,7 +66,11 @@ class Soup:
                    progress: float) -> str | None:
         """Start the branches when the trunk ends, the next branch when one ends, and average them all when the run
         ends (progress 1); what happened, for the log."""
-        self.decide(step, progress)
+        if not self.decided:
+            self.decide(step, progress)
+            if self.branching and self.config.soup_weight_decay:  # the matrices' group: the one that decays
+                for group in optimizer.param_groups:
+                    group["weight_decay"] = self.config.soup_weight_decay if group["weight_decay"] else 0.0
         if not self.branching:
             return None
         if progress >= 1.0:
