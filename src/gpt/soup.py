@@ -17,7 +17,6 @@ steps or more and hurts one of ~350 (docs/training.md, round 21).
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
@@ -50,16 +49,12 @@ class Soup:
         self.decided = True
 
     def learning_rate(self, step: int, progress: float) -> float:
-        config = self.config
-        if not self.branching:
-            return learning_rate(step, progress, config)
-        warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
-        if self.trunk is None:
-            return config.learning_rate * warmup
+        """optim.learning_rate over the whole run, or at the trunk's peak (progress 0), then over each branch."""
+        if not self.branching or self.trunk is None:
+            return learning_rate(step, progress if not self.branching else 0.0, self.config)
         share = (1.0 - self.trunk_progress) / self.branches
-        within = min(1.0, max(0.0, (progress - self.trunk_progress) / share - self.done))
-        cosine = 0.5 * (1.0 + math.cos(math.pi * within))
-        return config.learning_rate * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+        return learning_rate(step, min(1.0, max(0.0, (progress - self.trunk_progress) / share - self.done)),
+                             self.config)
 
     @torch.no_grad()
     def after_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
