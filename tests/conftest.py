@@ -37,3 +37,19 @@ def tiny_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(model_config, train_config, out, show_progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def memory_run(tmp_path_factory, alice_text):
+    """A tiny model trained on the first 30,000 characters of Alice, ending with its memory."""
+    from gpt.config import preset
+    from gpt.train import train
+
+    folder = tmp_path_factory.mktemp("runs")
+    (folder / "alice_start.txt").write_text(alice_text[:30_000], encoding="utf-8")
+    model_config, train_config = preset("tiny")
+    model_config.memory_weight, model_config.memory_temperature, model_config.memory_ngram_weight = 0.5, 2.0, 0.2
+    train_config.max_steps, train_config.max_time = 40, None
+    train_config.eval_interval = 20
+    train(model_config, train_config, folder / "memory", data=str(folder / "alice_start.txt"), show_progress=False)
+    return folder / "memory"

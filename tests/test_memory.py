@@ -154,19 +154,6 @@ def test_the_reserve_ends_a_timed_run_early():
     assert run_progress(10, 300.0, config, reserve=0.0) == 0.5
 
 
-@pytest.fixture(scope="module")
-def memory_run(tmp_path_factory, alice_text):
-    """A tiny model trained on the first 30,000 characters of Alice, ending with its memory."""
-    folder = tmp_path_factory.mktemp("runs")
-    (folder / "alice_start.txt").write_text(alice_text[:30_000], encoding="utf-8")
-    model_config, train_config = preset("tiny")
-    model_config.memory_weight, model_config.memory_temperature, model_config.memory_ngram_weight = 0.5, 2.0, 0.2
-    train_config.max_steps, train_config.max_time = 40, None
-    train_config.eval_interval = 20
-    train(model_config, train_config, folder / "memory", data=str(folder / "alice_start.txt"), show_progress=False)
-    return folder / "memory"
-
-
 def test_a_run_ends_with_the_memory_of_its_plain_training_text(memory_run):
     checkpoint = load_checkpoint(memory_run)
     documents = load_documents(memory_run.parent / "alice_start.txt")

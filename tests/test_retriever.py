@@ -3,10 +3,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpt.batching import IncrementalDecoder
 from gpt.checkpoint import load_checkpoint
 from gpt.config import UsageError
 from gpt.model import GPT
-from gpt.retriever import IncrementalDecoder, Retriever
+from gpt.retriever import Retriever
 from gpt.tokenizer import EOT, decode, token_bytes, train_tokenizer
 
 

@@ -107,6 +107,8 @@ def serve_arguments(serve: ArgumentParser) -> None:
     serve.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     serve.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     serve.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt accepted, in tokens")
+    serve.add_argument("--max-batch", type=int, default=16,
+                       help="requests decoded at once, one row each (default 16); more wait for a free row")
     serve.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice; 1 is often "
                                                    "fastest for tiny models on a busy machine)")
     add_device(serve)
@@ -322,8 +324,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from gpt.serve import serve
     from gpt.serve_schema import Limits
 
-    if args.max_tokens < 1 or args.max_prompt_tokens < 1:
-        raise UsageError("--max-tokens and --max-prompt-tokens must be at least 1")
+    if args.max_tokens < 1 or args.max_prompt_tokens < 1 or args.max_batch < 1:
+        raise UsageError("--max-tokens, --max-prompt-tokens and --max-batch must be at least 1")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
     if args.threads is not None:
@@ -332,7 +334,7 @@ def run_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens)
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key or None,
-          model_name=args.model_name, limits=limits, device=choose_device(args.device))
+          model_name=args.model_name, limits=limits, device=choose_device(args.device), max_batch=args.max_batch)
     return 0
 
 

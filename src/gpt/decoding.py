@@ -88,16 +88,25 @@ class DecodePlan:
         self.head = step_weights(model.token_embed.weight, None, rows)  # tied to the input embedding
 
 
-def layer_step(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torch.Tensor, at: int,
-               mask: torch.Tensor | None, plan: DecodePlan) -> torch.Tensor:
-    """Block.forward() for one new position per row, x (B, E) -> (B, E); its key and value go to slot `at`."""
+def layer_step(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torch.Tensor,
+               at: int | tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+               plan: DecodePlan) -> torch.Tensor:
+    """Block.forward() for one new position per row, x (B, E) -> (B, E). Its key and value go to slot `at` of
+    every row, or with `at` = (rows, slots), each (B,), to each row's own slot (gpt.batching: rows of different
+    lengths); `mask` (B, 1, 1, S) then says which of the first S slots each row attends to."""
     ln_1, qkv, attn_proj, ln_2, fc, mlp_proj = weights
     B, E = x.shape
     h = F.layer_norm(x, *ln_1) if plan.pre_ln else x
     q, k, v = matvec(h, *qkv).view(B, 3, plan.heads, 1, E // plan.heads).unbind(1)  # each (B, H, 1, D)
-    keys[:, :, at : at + 1] = k
-    values[:, :, at : at + 1] = v
-    y = F.scaled_dot_product_attention(q, keys[:, :, : at + 1], values[:, :, : at + 1], attn_mask=mask)
+    if isinstance(at, int):
+        keys[:, :, at : at + 1] = k
+        values[:, :, at : at + 1] = v
+        span = at + 1
+    else:
+        keys[at[0], :, at[1]] = k[:, :, 0]  # (B, H, D) into each row's slot
+        values[at[0], :, at[1]] = v[:, :, 0]
+        span = mask.size(-1)
+    y = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=mask)
     attended = matvec(y.view(B, E), *attn_proj)  # (B, H, 1, D) -> (B, E)
     if plan.pre_ln:
         x = x + attended
@@ -126,9 +135,14 @@ def decode_hidden(model: GPT, token: torch.Tensor, cache: KVCache, plan: DecodeP
     plan = plan or DecodePlan(model, token.size(0))
     mask = cache.real[:, None, None, : at + 1] if cache.has_padding else None  # (B, 1, 1, S): real keys
     x = plan.token_embed[token] + plan.position_embed[cache.next_position]  # (B, E)
-    for weights, keys, values in zip(plan.layers, cache.keys, cache.values):
-        x = layer_step(x, weights, keys, values, at, mask, plan)
-    if plan.final_norm is not None:
-        x = F.layer_norm(x, *plan.final_norm)
+    x = run_layers(x, plan, cache.keys, cache.values, at, mask)
     cache.length, cache.next_position = at + 1, cache.next_position + 1
     return x
+
+
+def run_layers(x: torch.Tensor, plan: DecodePlan, keys: list[torch.Tensor], values: list[torch.Tensor],
+               at: int | tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    """Every block's layer_step, then the final norm: (B, E) embedded tokens -> (B, E) final states."""
+    for weights, layer_keys, layer_values in zip(plan.layers, keys, values):
+        x = layer_step(x, weights, layer_keys, layer_values, at, mask, plan)
+    return x if plan.final_norm is None else F.layer_norm(x, *plan.final_norm)

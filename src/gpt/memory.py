@@ -30,7 +30,7 @@ import torch
 
 from gpt.config import ModelConfig
 from gpt.dataset import checked_stride, window_batches
-from gpt.decoding import linear
+from gpt.decoding import blocked_linear
 from gpt.model import GPT
 from gpt.ngram import NGram, token_contexts
 
@@ -42,13 +42,16 @@ SCAN_BLOCKS = 64  # the key rows divide into 2 blocks per thread for up to 32 th
 class Memory:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, text: torch.Tensor, config: ModelConfig,
                  device="cpu"):
-        # the keys as decoding.linear scans them: rows padded to a multiple of SCAN_BLOCKS, each padding key
-        # infinitely far from every query (weight 0), so a single query's distances run on every thread
+        # the keys as decoding's row blocks, each block's keys contiguous as columns: rows padded to a multiple of
+        # SCAN_BLOCKS, each padding key infinitely far from every query (weight 0), so that one query's distances
+        # run on every thread (2.3 ms against 4.0 for the strided blocks of the key rows, 40K keys, docs/benchmarks.md)
         pad = -len(keys) % SCAN_BLOCKS
-        self.scanned = torch.zeros(len(keys) + pad, keys.size(1), device=device)  # (N + pad, E)
-        self.scanned[: len(keys)] = keys
-        self.keys = self.scanned[: len(keys)]  # (N, E)
-        norms = (self.keys**2).sum(-1)
+        rows, threads = len(keys) + pad, torch.get_num_threads()
+        blocks = next((b for b in (2 * threads, threads) if rows % b == 0), 1)
+        self.scanned = torch.zeros(blocks, keys.size(1), rows // blocks, device=device)  # (blocks, E, N' / blocks)
+        for block, part in enumerate(keys.split(rows // blocks)):
+            self.scanned[block, :, : len(part)] = part.T
+        norms = torch.cat([(part.float().to(device) ** 2).sum(-1) for part in keys.split(rows // blocks)])
         self.key_norms = torch.cat([norms, torch.full((pad,), math.inf, device=device)])  # (N + pad,)
         self.values = values.to(device, torch.int64)  # (N,)
         self.scanned_values = torch.cat([self.values, self.values.new_zeros(pad)])  # (N + pad,)
@@ -63,12 +66,17 @@ class Memory:
     def __len__(self) -> int:
         return len(self.values)
 
+    @property
+    def keys(self) -> torch.Tensor:
+        """(N, E) the stored hidden states, in the order of the values (a copy)."""
+        return self.scanned.transpose(1, 2).reshape(-1, self.scanned.size(1))[: len(self.values)]
+
     def probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, E) final hidden states -> (n, vocab) the memory's next-token distribution."""
-        hidden = hidden.float().to(self.keys.device)
+        hidden = hidden.float().to(self.scanned.device)
         chunks = []
         for part in hidden.split(QUERY_CHUNK):
-            distances = (part**2).sum(-1, keepdim=True) - 2 * linear(part, self.scanned) + self.key_norms  # (n, N')
+            distances = (part**2).sum(-1, keepdim=True) - 2 * blocked_linear(part, self.scanned, None) + self.key_norms
             weights = torch.softmax(-distances / self.temperature, dim=-1)
             by_token = torch.zeros(self.vocab_size, len(part), device=part.device)
             chunks.append(by_token.index_add_(0, self.scanned_values, weights.T).T)  # (n, vocab): summed per value
@@ -77,6 +85,12 @@ class Memory:
     def contexts(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) tokens -> (B, T, order - 1) what the n-gram part reads at each position (-1: nothing)."""
         return token_contexts(tokens, self.ngram.order - 1 if self.ngram else 0, pad_mask)
+
+    def last_contexts(self, windows: list[list[int]], device=None) -> torch.Tensor:
+        """contexts() at the last position of each of n windows of any lengths -> (n, order - 1)."""
+        length = self.ngram.order - 1 if self.ngram else 0
+        rows = [([-1] * length + list(window[-length:]))[-length:] if length else [] for window in windows]
+        return torch.tensor(rows, dtype=torch.long, device=device).view(len(windows), length)
 
     def mix(self, hidden: torch.Tensor, logits: torch.Tensor, contexts: torch.Tensor | None = None) -> torch.Tensor:
         """(n, E) hidden states, (n, vocab) network logits and, for the n-gram part, (n, order - 1) contexts

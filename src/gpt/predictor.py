@@ -47,6 +47,13 @@ class Predictor:
             return logits
         return self.memory.mix(hidden, logits, self.memory.contexts(tokens, pad_mask)[:, -1])
 
+    def scores_after(self, hidden: torch.Tensor, logits: torch.Tensor, windows: list[list[int]]) -> torch.Tensor:
+        """last_scores for rows of different lengths (gpt.batching): (n, E) final states and (n, vocab) logits
+        after each row's window of tokens."""
+        if self.memory is None:
+            return logits
+        return self.memory.mix(hidden, logits, self.memory.last_contexts(windows, hidden.device))
+
     @torch.no_grad()
     def stream(
         self, idx: torch.Tensor, max_new_tokens: int, params: SamplingParams | None = None,

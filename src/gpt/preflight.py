@@ -146,6 +146,23 @@ def check_loading(config: ModelConfig, memory_file_bytes: int, folder: Path, cop
     return total
 
 
+def check_serving(config: ModelConfig, max_batch: int, memory_keys: int, device: torch.device) -> int:
+    """Refuse a server whose batch cannot fit beside the model it has loaded: each of `max_batch` rows holds
+    keys and values for the whole context (fp32), and a step scores every row against the memory's keys (the
+    scratch of memory.probs, per query). Returns the estimate in bytes."""
+    head_dim = config.embed_dim // config.num_heads
+    parts = {"the KV cache": 4 * max_batch * config.num_layers * 2 * config.num_heads * config.sequence_len * head_dim,
+             "the memory's scratch": int(4 * min(max_batch, QUERY_CHUNK) * memory_keys * MEMORY_SCRATCH_COPIES),
+             "the logits": 4 * max_batch * config.vocab_size * 8}
+    total, available = sum(parts.values()), available_memory(device)
+    if available is not None and total > available:
+        largest = max(parts, key=parts.get)
+        raise UsageError(f"serving {max_batch:,} rows at once needs ~{size_text(total)} of memory ({largest} "
+                         f"~{size_text(parts[largest])}) but {device.type} has {size_text(available)} available; "
+                         f"lower --max-batch")
+    return total
+
+
 def size_text(num_bytes: float) -> str:
     return f"{num_bytes / GB:,.1f} GB" if num_bytes >= 0.1 * GB else f"{num_bytes / 1e6:,.1f} MB"
 

@@ -8,7 +8,8 @@ for those (the official `openai` package first) can call this model unchanged:
 
 Routes: GET /v1/models, POST /v1/completions (streamed as server-sent events with "stream": true),
 GET /health, GET / (the page). Refusals use OpenAI's error body {"error": {"message", "type",
-"param", "code"}} with a 4xx status. Generation runs in one worker thread (see serve_engine).
+"param", "code"}} with a 4xx status. One worker thread decodes every request under way as one batch, a
+token step at a time (see serve_engine).
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from gpt.batching import MAX_SEED
 from gpt.checkpoint import Checkpoint, load_checkpoint
 from gpt.config import UsageError
+from gpt.preflight import check_serving
 from gpt.retriever import Retriever
-from gpt.serve_engine import Choice, Engine, Finished, Piece
+from gpt.serve_engine import DEFAULT_MAX_BATCH, Choice, Engine, Finished, Piece
 from gpt.serve_schema import CompletionRequest, Limits, RequestError, parse_request
-
-MAX_SEED = 2**63
 
 
 def _constant(name: str):
@@ -164,20 +165,23 @@ async def completions(request: Request):
     if body.stream:
         return await stream_response(settings.engine, body, meta, sum(prompt_tokens))
     try:
-        done = await settings.engine.complete([p for p in body.prompts for _ in range(body.n)], seed=body.seed,
-                                              **body.sampling())
+        done = await settings.engine.complete(choices_of(body), **body.sampling())
     except UsageError as err:
         raise RequestError(400, str(err)) from None
     choices = [_choice(i, c.text, c.finish_reason) for i, c in enumerate(done)]
     return {**meta, "choices": choices, "usage": _usage(sum(prompt_tokens), sum(c.completion_tokens for c in done))}
 
 
+def choices_of(body: CompletionRequest) -> list[Choice]:
+    """`n` choices per prompt; choice i of a seeded request draws from seed + i, as gpt generate's sample i."""
+    return [Choice(i, prompt, None if body.seed is None else (body.seed + i) % MAX_SEED)
+            for i, prompt in enumerate(p for p in body.prompts for _ in range(body.n))]
+
+
 async def stream_response(engine: Engine, body: CompletionRequest, meta: dict,
                           prompt_tokens: int) -> StreamingResponse:
     """Waits for the first event so that a refused request still gets a 4xx, not a broken stream."""
-    choices = [Choice(i, prompt, None if body.seed is None else (body.seed + i) % MAX_SEED)
-               for i, prompt in enumerate(p for p in body.prompts for _ in range(body.n))]
-    events = engine.stream(choices, **body.sampling())
+    events = engine.stream(choices_of(body), **body.sampling())
     try:
         first = await anext(events)
     except UsageError as err:
@@ -217,14 +221,16 @@ async def lifespan(app: FastAPI):
 
 
 def create_app(checkpoint: str | Path | Checkpoint, api_key: str | None = None, model_name: str | None = None,
-               limits: Limits | None = None, device: str = "cpu") -> FastAPI:
+               limits: Limits | None = None, device: str = "cpu", max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
     """An ASGI app serving one model: a checkpoint folder, or a Checkpoint already loaded."""
     if not isinstance(checkpoint, Checkpoint):
         model_name = model_name or Path(checkpoint).resolve().name
         checkpoint = load_checkpoint(checkpoint, device)
+    memory = checkpoint.predictor.memory
+    check_serving(checkpoint.model_config, max_batch, len(memory) if memory else 0, checkpoint.predictor.device)
     retriever = Retriever(checkpoint.tokenizer, checkpoint.predictor)
     app = FastAPI(title="wonderland-gpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.served = Served(Engine(retriever), retriever, model_name or "wonderland-gpt",
+    app.state.served = Served(Engine(retriever, max_batch), retriever, model_name or "wonderland-gpt",
                               checkpoint.model_config.sequence_len, api_key, limits or Limits(), int(time.time()))
     app.add_exception_handler(RequestError, refused)
     app.add_exception_handler(HTTPException, http_error)
@@ -269,17 +275,20 @@ def background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, limits: Limits | None = None, device: str = "cpu") -> None:
+          model_name: str | None = None, limits: Limits | None = None, device: str = "cpu",
+          max_batch: int = DEFAULT_MAX_BATCH) -> None:
     """Load the checkpoint and serve it until Ctrl-C or SIGTERM."""
     import uvicorn
 
-    app = create_app(checkpoint, api_key=api_key, model_name=model_name, limits=limits, device=device)
+    app = create_app(checkpoint, api_key=api_key, model_name=model_name, limits=limits, device=device,
+                     max_batch=max_batch)
     sock = listen(host, port)
     address, port = sock.getsockname()[:2]
     url = f"http://{f'[{address}]' if ':' in address else address}:{port}"
     if api_key is None and address not in ("127.0.0.1", "::1"):
         print(f"gpt: warning: serving on {address} without --api-key: anyone who can reach this machine can "
               f"use the model", file=sys.stderr)
-    print(f"serving model '{app.state.served.model_id}' at {url}/v1 (playground: {url}/, Ctrl-C stops)", flush=True)
+    print(f"serving model '{app.state.served.model_id}' at {url}/v1 (playground: {url}/, Ctrl-C stops); up to "
+          f"{max_batch} requests decoded at once (--max-batch), more wait", flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
     uvicorn.Server(config).run(sockets=[sock])
