@@ -71,6 +71,13 @@ def request_args(rng: random.Random, max_tokens: int, stream: bool) -> dict:
     return dict(prompt=rng.choice(PROMPTS), max_tokens=max_tokens, temperature=0.8, stream=stream, **extra)
 
 
+def counted(chunk, times: list[float]) -> int:
+    """A streamed chunk: the time of its text, if any, goes to `times`; returns the tokens its usage reports."""
+    if chunk.choices and chunk.choices[0].text:
+        times.append(time.monotonic())
+    return chunk.usage.completion_tokens if chunk.usage else 0
+
+
 async def async_client(client: openai.AsyncOpenAI, model: str, requests: int, max_tokens: int, stream: bool,
                        result: Result, rng: random.Random) -> None:
     for _ in range(requests):
@@ -78,10 +85,7 @@ async def async_client(client: openai.AsyncOpenAI, model: str, requests: int, ma
         try:
             reply = await client.completions.create(model=model, **request_args(rng, max_tokens, stream))
             if stream:
-                async for chunk in reply:
-                    if chunk.choices and chunk.choices[0].text:
-                        times.append(time.monotonic())
-                    tokens += chunk.usage.completion_tokens if chunk.usage else 0
+                tokens = sum([counted(chunk, times) async for chunk in reply])
             else:
                 times, tokens = [time.monotonic()], reply.usage.completion_tokens
             result.add(started, times, tokens)
@@ -96,10 +100,7 @@ def sync_client(client: openai.OpenAI, model: str, requests: int, max_tokens: in
         try:
             reply = client.completions.create(model=model, **request_args(rng, max_tokens, stream))
             if stream:
-                for chunk in reply:
-                    if chunk.choices and chunk.choices[0].text:
-                        times.append(time.monotonic())
-                    tokens += chunk.usage.completion_tokens if chunk.usage else 0
+                tokens = sum(counted(chunk, times) for chunk in reply)
             else:
                 times, tokens = [time.monotonic()], reply.usage.completion_tokens
             result.add(started, times, tokens)

@@ -165,10 +165,6 @@ class Batch:
         self.cache = KVCache(predictor.config, capacity, predictor.device, self.network.token_embed.weight.dtype)
         self.plans: dict[bool, DecodePlan] = {}  # by whether the rows take decoding's row-block path
 
-    def count_tokens(self, prompt: str) -> int:
-        """Prompt tokens as the model sees them (the leading end-of-text token included)."""
-        return 1 + len(encode(self.tokenizer, prompt))
-
     def add(self, request: Request) -> Generation:
         """Start a generation: the next step prefills its prompt, and it draws its first token the step after."""
         request.validate()

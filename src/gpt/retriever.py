@@ -68,8 +68,6 @@ class Retriever:
         batch = Batch(self.predictor, self.tokenizer, len(prompts))
         requests = [Request(p, max_new_tokens, params, stop, None if seed is None else (seed + i) % MAX_SEED)
                     for i, p in enumerate(prompts)]
-        for request in requests:
-            request.validate()
         return batch, [batch.add(request) for request in requests]
 
     def stream(self, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0, top_k: int | None = None,
