@@ -70,6 +70,29 @@ def test_rows_that_join_late_and_leave_early_change_no_other_row(checkpoint):
             assert generation.text.text == expected[index]
 
 
+def test_every_row_scores_what_a_full_forward_pass_over_its_window_scores(checkpoint):
+    """Rows decoding one token and rows running a whole window (new, or slid past the window) share one pass
+    through the layers: each row's scores are those of the general forward over its window, with the memory."""
+    predictor, tokenizer = checkpoint.predictor, checkpoint.tokenizer
+    batch = Batch(predictor, tokenizer, 4)
+    rows = [batch.add(Request(p, max_new_tokens=60, params=SamplingParams(1.0), seed=i))
+            for i, p in enumerate(PROMPTS[:3])]
+    lengths, slid = {}, 0
+    for step in range(50):
+        if step == 20:  # joins while the others decode: its prompt and their tokens run together
+            rows.append(batch.add(Request(PROMPTS[3], max_new_tokens=20, seed=9)))
+        batch.step()
+        with torch.inference_mode():
+            for generation in batch.active:
+                tokens = torch.tensor([generation.tokens])
+                hidden = predictor.network.hidden(tokens)[:, -1]
+                expected = predictor.last_scores(hidden, predictor.network.head(hidden), tokens)[0]
+                torch.testing.assert_close(generation.scores, expected, atol=1e-4, rtol=1e-4)
+                slid += len(generation.tokens) < lengths.get(id(generation), 0)
+                lengths[id(generation)] = len(generation.tokens)
+    assert slid >= 3  # windows slid, each run again in a step where others decoded
+
+
 def test_greedy_rows_follow_the_mixture_decoded_alone_by_the_predictor(checkpoint):
     """The reference: Predictor.generate, whose cached decoding the tests hold to full forward passes."""
     tokenizer, predictor = checkpoint.tokenizer, checkpoint.predictor

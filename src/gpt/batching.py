@@ -19,9 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from gpt.decoding import DecodePlan, matvec, run_layers
+from gpt.decoding import Attend, DecodePlan, matvec, run_layers
 from gpt.model import KVCache
 from gpt.predictor import Predictor
 from gpt.sampling import SamplingParams, sample_next
@@ -153,6 +154,33 @@ class Generation:
         return token
 
 
+def batch_attention(slots: torch.Tensor, refills: list[tuple[int, int]]) -> Attend:
+    """gpt.decoding's attention for a Batch step. Query row i (of B) puts its key and value at its own slot,
+    slots[i], and attends to its slots up to that one; then each (slot, n) in `refills` has n more query rows,
+    a window's tokens, whose keys and values fill that row's slots 0..n-1 and which attend causally among
+    themselves."""
+    rows, device = slots.size(0), slots.device
+    at, span = torch.arange(rows, device=device), int(slots.max()) + 1
+    mask = (torch.arange(span, device=device) <= slots[:, None])[:, None, None]  # (B, 1, 1, S)
+
+    def attend(q, k, v, keys, values):  # q, k, v: (N, H, 1, D); keys, values: (B, H, S_max, D)
+        keys[at, :, slots] = k[:rows, :, 0]  # (B, H, D) into each row's slot
+        values[at, :, slots] = v[:rows, :, 0]
+        out = [F.scaled_dot_product_attention(q[:rows], keys[:, :, :span], values[:, :, :span], attn_mask=mask)]
+        start = rows
+        for slot, n in refills:  # after the placeholders above, which a window may overwrite
+            window = slice(start, start + n)
+            keys[slot, :, :n] = k[window, :, 0].transpose(0, 1)  # (n, H, D) -> (H, n, D)
+            values[slot, :, :n] = v[window, :, 0].transpose(0, 1)
+            y = F.scaled_dot_product_attention(q[window, :, 0].transpose(0, 1), keys[slot, :, :n],
+                                               values[slot, :, :n], is_causal=True)  # (H, n, D)
+            out.append(y.transpose(0, 1)[:, :, None])  # (n, H, 1, D)
+            start += n
+        return torch.cat(out).reshape(q.size(0), -1)  # (N, E)
+
+    return attend
+
+
 class Batch:
     """The generations under way, `capacity` rows at most, each with its own slot of one KV cache."""
 
@@ -225,38 +253,28 @@ class Batch:
         finally:
             self.network.train(was_training)
 
-    def _prefill(self, generation: Generation) -> torch.Tensor:
-        """Run the row's window through the network into its slot of the cache: (E,) its last final state."""
-        cache = KVCache(self.predictor.config, 1, self.predictor.device, self.network.token_embed.weight.dtype)
-        hidden = self.network.hidden(torch.tensor([generation.tokens], device=self.predictor.device), None, cache)
-        for layer_keys, layer_values, own_keys, own_values in zip(self.cache.keys, self.cache.values, cache.keys,
-                                                                  cache.values):
-            layer_keys[generation.slot] = own_keys[0]
-            layer_values[generation.slot] = own_values[0]
-        return hidden[0, -1]
-
     def _decode(self, decoding: list[tuple[Generation, int]], refilling: list[Generation]) -> torch.Tensor:
-        """(B, E) final states of every row: one batched step for the rows in `decoding`, each its own token at
-        its own slot (the slot after its window), then a prefill for each row in `refilling`."""
+        """(B, E) final states of every row, from one pass through the layers: each row in `decoding` runs its new
+        token at its own slot (the slot after its window), and each row in `refilling` (a new row, or one whose
+        window slid) runs its whole window, as more rows of the same matrix products."""
         rows, device = len(self.active), self.predictor.device
-        if not decoding:
-            hidden = torch.empty(rows, self.network.config.embed_dim, device=device)
-        else:
-            plan = self._plan(rows)
-            token = torch.zeros(rows, dtype=torch.long, device=device)
-            # a row being refilled writes into a slot its prefill then overwrites
-            slots = torch.tensor([min(len(g.tokens), self.window - 1) for g in self.active], device=device)
-            for generation, new in decoding:
-                token[generation.slot], slots[generation.slot] = new, len(generation.tokens) - 1
-            span = int(slots.max()) + 1
-            mask = (torch.arange(span, device=device) <= slots[:, None])[:, None, None]  # (B, 1, 1, S)
-            x = plan.token_embed[token] + plan.position_embed[slots]  # (B, E): a row's position is its slot
-            keys = [k[:rows] for k in self.cache.keys]
-            values = [v[:rows] for v in self.cache.values]
-            hidden = run_layers(x, plan, keys, values, (torch.arange(rows, device=device), slots), mask)
-        for generation in refilling:
-            hidden[generation.slot] = self._prefill(generation)
-        return hidden
+        token = torch.zeros(rows, dtype=torch.long, device=device)
+        # a row being refilled decodes a placeholder, into the slot after its window or one its window overwrites
+        slots = torch.tensor([min(len(g.tokens), self.window - 1) for g in self.active], device=device)
+        for generation, new in decoding:
+            token[generation.slot], slots[generation.slot] = new, len(generation.tokens) - 1
+        windows = [torch.tensor(g.tokens, device=device) for g in refilling]
+        plan = self._plan(rows + sum(len(w) for w in windows))
+        x = torch.cat([plan.token_embed[token] + plan.position_embed[slots]]  # (B, E): a row's position is its slot
+                      + [plan.token_embed[w] + plan.position_embed[: len(w)] for w in windows])  # (N, E)
+        attend = batch_attention(slots, [(g.slot, len(w)) for g, w in zip(refilling, windows)])
+        x = run_layers(x, plan, [k[:rows] for k in self.cache.keys], [v[:rows] for v in self.cache.values], attend)
+        last = list(range(rows))  # each row's final state: its token's, or its window's last
+        end = rows - 1
+        for generation, window in zip(refilling, windows):
+            end += len(window)
+            last[generation.slot] = end
+        return x[torch.tensor(last, device=device)]
 
     def _score(self, hidden: torch.Tensor) -> None:
         """Every row's scores for its next token, from its (B, E) final state: the output layer and the memory

@@ -7,6 +7,8 @@ holds what makes its decoding fast and is held to it by the tests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -88,31 +90,35 @@ class DecodePlan:
         self.head = step_weights(model.token_embed.weight, None, rows)  # tied to the input embedding
 
 
-def layer_step(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torch.Tensor,
-               at: int | tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def layer_step(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torch.Tensor, attend: Attend,
                plan: DecodePlan) -> torch.Tensor:
-    """Block.forward() for one new position per row, x (B, E) -> (B, E). Its key and value go to slot `at` of
-    every row, or with `at` = (rows, slots), each (B,), to each row's own slot (gpt.batching: rows of different
-    lengths); `mask` (B, 1, 1, S) then says which of the first S slots each row attends to."""
+    """Block.forward() for one new position per row, x (N, E) -> (N, E). `attend(q, k, v, keys, values)` puts the
+    rows' new keys and values, each (N, H, 1, D), into the layer's cache and returns what each row attends to,
+    (N, E): `attend_at` for rows that all sit at one slot, gpt.batching's for rows at their own slots."""
     ln_1, qkv, attn_proj, ln_2, fc, mlp_proj = weights
-    B, E = x.shape
+    N, E = x.shape
     h = F.layer_norm(x, *ln_1) if plan.pre_ln else x
-    q, k, v = matvec(h, *qkv).view(B, 3, plan.heads, 1, E // plan.heads).unbind(1)  # each (B, H, 1, D)
-    if isinstance(at, int):
-        keys[:, :, at : at + 1] = k
-        values[:, :, at : at + 1] = v
-        span = at + 1
-    else:
-        keys[at[0], :, at[1]] = k[:, :, 0]  # (B, H, D) into each row's slot
-        values[at[0], :, at[1]] = v[:, :, 0]
-        span = mask.size(-1)
-    y = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=mask)
-    attended = matvec(y.view(B, E), *attn_proj)  # (B, H, 1, D) -> (B, E)
+    q, k, v = matvec(h, *qkv).view(N, 3, plan.heads, 1, E // plan.heads).unbind(1)  # each (N, H, 1, D)
+    attended = matvec(attend(q, k, v, keys, values), *attn_proj)  # (N, E)
     if plan.pre_ln:
         x = x + attended
         return x + matvec(F.gelu(matvec(F.layer_norm(x, *ln_2), *fc), approximate=plan.gelu), *mlp_proj)
     x = F.layer_norm(x + attended, *ln_1)
     return F.layer_norm(x + matvec(F.gelu(matvec(x, *fc), approximate=plan.gelu), *mlp_proj), *ln_2)
+
+
+def attend_at(at: int, mask: torch.Tensor | None) -> Attend:
+    """Every row's new key and value at slot `at`; each row attends to slots 0..at, where `mask` (B, 1, 1, S)
+    lets it (left padding)."""
+    def attend(q, k, v, keys, values):
+        keys[:, :, at : at + 1] = k
+        values[:, :, at : at + 1] = v
+        y = F.scaled_dot_product_attention(q, keys[:, :, : at + 1], values[:, :, : at + 1], attn_mask=mask)
+        return y.view(q.size(0), -1)  # (B, H, 1, D) -> (B, E)
+    return attend
 
 
 def decode_step(model: GPT, token: torch.Tensor, cache: KVCache, plan: DecodePlan | None = None) -> torch.Tensor:
@@ -135,14 +141,14 @@ def decode_hidden(model: GPT, token: torch.Tensor, cache: KVCache, plan: DecodeP
     plan = plan or DecodePlan(model, token.size(0))
     mask = cache.real[:, None, None, : at + 1] if cache.has_padding else None  # (B, 1, 1, S): real keys
     x = plan.token_embed[token] + plan.position_embed[cache.next_position]  # (B, E)
-    x = run_layers(x, plan, cache.keys, cache.values, at, mask)
+    x = run_layers(x, plan, cache.keys, cache.values, attend_at(at, mask))
     cache.length, cache.next_position = at + 1, cache.next_position + 1
     return x
 
 
 def run_layers(x: torch.Tensor, plan: DecodePlan, keys: list[torch.Tensor], values: list[torch.Tensor],
-               at: int | tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-    """Every block's layer_step, then the final norm: (B, E) embedded tokens -> (B, E) final states."""
+               attend: Attend) -> torch.Tensor:
+    """Every block's layer_step, then the final norm: (N, E) embedded tokens -> (N, E) final states."""
     for weights, layer_keys, layer_values in zip(plan.layers, keys, values):
-        x = layer_step(x, weights, layer_keys, layer_values, at, mask, plan)
+        x = layer_step(x, weights, layer_keys, layer_values, attend, plan)
     return x if plan.final_norm is None else F.layer_norm(x, *plan.final_norm)
