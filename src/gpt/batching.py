@@ -2,8 +2,9 @@
 
 Iteration-level scheduling (Orca, Yu et al., OSDI 2022): on a CPU a small model's decoding step is bound by
 reading the weights and the memory's keys, not by arithmetic, so a step for 16 rows costs little more than a
-step for one. A `Batch` holds the generations under way. A new one is prefilled alone and joins at the next
-step; one that ends (end of text, a stop string, its token limit, or its reader gone) leaves at once, and the
+step for one. A `Batch` holds the generations under way. A new one's prompt (and a window that slides) runs
+through the layers in the next step, as more rows of the same matrix products as the rows that decode one token;
+one that ends (end of text, a stop string, its token limit, or its reader gone) leaves at once, and the
 last row moves into its slot, so the rows stay rows 0..n-1 of the cache.
 
 Every row has its own length, position, window, sampling parameters and random generator. A seeded generation
