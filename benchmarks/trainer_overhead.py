@@ -49,7 +49,8 @@ def trainer_tokens_per_s(steps: int, out: Path) -> float:
     model_config = ModelConfig(vocab_size=size.vocab, sequence_len=size.block, num_layers=size.layers,
                                embed_dim=size.width, num_heads=size.heads, dropout=0.0)
     train_config = TrainConfig(tokenizer_vocab_size=size.vocab, batch_size=size.batch, max_steps=steps, max_time=None,
-                               eval_interval=10**9, checkpoint_interval=10**9, log_interval=5, device="cpu")
+                               eval_interval=10**9, checkpoint_interval=10**9, log_interval=5, device="cpu",
+                               dtype="float32")  # the bare step is fp32: on a bf16 CPU "auto" would differ
     train(model_config, train_config, out, show_progress=False)
     rows = read_metrics(out / "metrics.jsonl")[:-1]
     return statistics.median(row["tokens_per_s"] for row in rows)
