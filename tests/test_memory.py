@@ -7,13 +7,21 @@ import torch
 from cli_helpers import gpt_many
 from safetensors.torch import save_file
 
-from gpt.checkpoint import MEMORY_FILE, WEIGHTS_FILE, load_checkpoint, load_memory, save_weights, weights_step
+from gpt.checkpoint import (
+    MEMORY_FILE,
+    WEIGHTS_FILE,
+    load_checkpoint,
+    load_memory,
+    save_memory,
+    save_weights,
+    weights_step,
+)
 from gpt.config import DEFAULT_PRESET, ModelConfig, TrainConfig, UsageError, preset
 from gpt.corpus import load_documents, split_documents
 from gpt.dataset import TokenSplits, encode_documents, prepare_splits
 from gpt.evaluate import total_nats
 from gpt.logs import read_metrics
-from gpt.memory import MEMORY_MAX_BYTES, Memory, build_memory, fits
+from gpt.memory import MEMORY_MAX_BYTES, TEMPERATURE_STEPS, Memory, build_memory, fits, tune_temperature
 from gpt.model import GPT
 from gpt.predictor import Predictor
 from gpt.runfolder import EndCosts, validates_with_memory
@@ -201,10 +209,12 @@ def test_validations_during_a_run_score_with_a_memory_of_the_weights_they_valida
     checkpoint = load_checkpoint(tmp_path / "short")
     train_docs, val_docs = split_documents(load_documents(text), checkpoint.train_config.val_fraction)
     eot = special_id(checkpoint.tokenizer, EOT)
-    model = checkpoint.model
+    model, val_ids = checkpoint.model, encode_documents(checkpoint.tokenizer, val_docs)
+    model.config.memory_temperature = ModelConfig().memory_temperature  # config.json has the end's choice
     memory = build_memory(model, encode_documents(checkpoint.tokenizer, train_docs), eot,
                           stride=model.config.sequence_len)
-    nats, _ = total_nats(Predictor(model, memory), encode_documents(checkpoint.tokenizer, val_docs), eot)
+    tune_temperature(memory, model, val_ids, eot)  # as the run's validation picked it
+    nats, _ = total_nats(Predictor(model, memory), val_ids, eot)
     chars = sum(map(len, val_docs))
     assert nats / (chars * math.log(2)) == pytest.approx(middle["val_bits_per_char_with_memory"], abs=1e-5)
 
@@ -318,3 +328,55 @@ def test_the_time_kept_for_a_timed_runs_end_keeps_what_validations_timed():
     costs.estimate(0.0002)
     assert (costs.keys, costs.scoring) == pytest.approx((12.0, 7.0))
     assert costs.reserve(max_time=40) == pytest.approx(10.0)  # never more than a quarter of the budget
+
+
+def test_keys_are_the_principal_components_and_queries_are_projected_alike():
+    torch.manual_seed(5)
+    model = GPT(config=small_config(memory_dim=8)).eval()
+    train_ids = np.random.default_rng(3).integers(2, 50, 300)
+    memory = build_memory(model, train_ids, ignore_id=1)
+    model.config.memory_dim = 0
+    states = build_memory(model, train_ids, ignore_id=1).keys.double()  # (N, 32) the whole hidden states
+    assert memory.axes is not None and memory.keys.shape == (len(states), 8)
+    mean = states.mean(0)
+    basis = torch.linalg.svd(states - mean, full_matrices=False).Vh[:8].T  # the top 8 directions, another way
+    query = torch.randn(3, 32)
+    ours = memory.distances(memory.query(query))[:, : len(memory)]
+    expected = torch.cdist((query.double() - mean) @ basis, (states - mean) @ basis) ** 2  # basis-independent
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-2, atol=1e-2)  # keys are stored in fp16
+
+
+def test_a_projected_memory_survives_saving_and_loading(tmp_path):
+    torch.manual_seed(6)
+    model = GPT(config=small_config(memory_dim=8)).eval()
+    memory = build_memory(model, np.random.default_rng(4).integers(2, 50, 200), ignore_id=1)
+    save_memory(tmp_path, memory, "7")
+    loaded = load_memory(tmp_path, model.config, "7")
+    assert loaded.axes is not None and loaded.keys.shape == memory.keys.shape
+    hidden = torch.randn(4, 32)
+    torch.testing.assert_close(loaded.probs(hidden), memory.probs(hidden))
+
+
+def test_the_tuned_temperature_is_the_grid_point_that_scores_the_sampled_targets_best():
+    torch.manual_seed(7)
+    model = GPT(config=small_config(memory_ngram_weight=0.2, memory_ngram_order=3)).eval()
+    rng = np.random.default_rng(5)
+    memory = build_memory(model, rng.integers(2, 50, 400), ignore_id=1)
+    val_ids = rng.integers(2, 50, 200)
+    chosen = tune_temperature(memory, model, val_ids, ignore_id=1)
+    x = torch.from_numpy(val_ids.astype(np.int64))
+
+    def sampled_nats(temperature: float) -> float:  # the mixture's own path: softmax summed per token
+        memory.temperature, nats = temperature, 0.0
+        for begin, end, new in ((0, 16, 16), *((b, b + 16, 8) for b in range(8, 184, 8)), (183, 199, 1)):
+            with torch.no_grad():
+                hidden = model.hidden(x[None, begin:end])[0, -new:]
+                contexts = memory.contexts(x[None, begin:end])[0, -new:]
+                log_probs = memory.mix(hidden, model.head(hidden), contexts)[::8]
+            nats -= float(log_probs.gather(1, x[begin + 1 : end + 1][-new:][::8, None]).sum())
+        return nats
+
+    grid = [small_config().memory_temperature * step for step in TEMPERATURE_STEPS]
+    scores = [sampled_nats(t) for t in grid]
+    assert chosen == grid[int(np.argmin(scores))]
+    assert max(scores) - min(scores) > 1e-3  # the choice matters here

@@ -77,19 +77,26 @@ def test_the_state_survives_a_round_trip():
 
 def test_a_run_ends_with_the_average_and_its_memory_temperature(tmp_path):
     """The tiny preset with a memory, 60 steps: the trunk, the branches and their average in the log; config.json
-    and the saved memory take the average's temperature."""
+    and the saved memory take the temperature the validation split picked for the average (or, with
+    tune_memory_temperature off, the configured one)."""
     from gpt.checkpoint import load_checkpoint
     from gpt.config import preset
     from gpt.logs import read_metrics
+    from gpt.memory import TEMPERATURE_STEPS
     from gpt.train import train
 
     model_config, train_config = preset("tiny")
     model_config.memory_weight = 0.3
     train_config.max_steps, train_config.max_time = 60, None
-    train_config.soup_trunk_steps, train_config.soup_branch_steps, train_config.soup_memory_temperature = 20, 10, 99.0
+    train_config.soup_trunk_steps, train_config.soup_branch_steps, model_config.memory_temperature = 20, 10, 99.0
     train(model_config, train_config, tmp_path / "run", show_progress=False)
     events = [row["soup"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if "soup" in row]
     assert events[0] == "trunk done at step 20: 4 branches follow"
     assert events[-1] == "the 4 branches averaged into the saved network" and len(events) == 5
     checkpoint = load_checkpoint(tmp_path / "run")
+    assert checkpoint.memory.temperature == checkpoint.model_config.memory_temperature
+    assert checkpoint.memory.temperature in [99.0 * step for step in TEMPERATURE_STEPS]
+    model_config.memory_temperature, train_config.tune_memory_temperature = 99.0, False
+    train(model_config, train_config, tmp_path / "fixed", show_progress=False)
+    checkpoint = load_checkpoint(tmp_path / "fixed")
     assert checkpoint.model_config.memory_temperature == 99.0 and checkpoint.memory.temperature == 99.0

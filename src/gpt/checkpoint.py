@@ -108,6 +108,11 @@ class Checkpoint:
         return Predictor(self.model, self.memory)
 
 
+# fields of checkpoints saved by earlier versions that no longer change anything (the temperature that the
+# validation split now picks: train.tune_memory_temperature)
+RETIRED_TRAIN_KEYS = ("soup_memory_temperature",)
+
+
 def read_config(folder: Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
@@ -141,7 +146,8 @@ def configs_from(info: dict, path: Path) -> tuple[ModelConfig, TrainConfig]:
         if not isinstance(info.get("model"), dict) or not isinstance(info.get("train"), dict):
             raise UsageError("the model or train section is missing")
         model_section = {"activation": "gelu_tanh", **info["model"]}  # saved before the field existed: tanh
-        apply_overrides(model_config, train_config, {"model": model_section, "train": info["train"]})
+        train_section = {key: value for key, value in info["train"].items() if key not in RETIRED_TRAIN_KEYS}
+        apply_overrides(model_config, train_config, {"model": model_section, "train": train_section})
         model_config.validate()
         train_config.validate()
     except UsageError as err:
@@ -237,6 +243,8 @@ def weights_step(path: Path) -> str | None:
 def save_memory(folder: Path, memory: Memory, step: str | None) -> None:
     tensors = {"keys": memory.keys.half().contiguous().cpu(), "values": memory.values.int().contiguous().cpu(),
                "text": memory.text.int().contiguous()}
+    if memory.axes is not None:  # the keys are projections: the queries need the same center and directions
+        tensors["center"], tensors["directions"] = (axis.contiguous().cpu() for axis in memory.axes)
     atomic_write(Path(folder) / MEMORY_FILE, lambda p: save_file(tensors, str(p), metadata={"step": str(step)}))
 
 
@@ -253,12 +261,17 @@ def load_memory(folder: Path, config: ModelConfig, step: str | None, device: str
                 return None
             keys, values = handle.get_tensor("keys"), handle.get_tensor("values")
             text = handle.get_tensor("text") if "text" in handle.keys() else torch.zeros(0, dtype=torch.int32)
+            axes = tuple(handle.get_tensor(name) for name in ("center", "directions")) \
+                if "directions" in handle.keys() else None  # none in memories of older versions: whole states
     except Exception as err:  # safetensors raises its own error type for damaged files
         raise UsageError(f"{path} cannot be read ({first_line(err)}); delete it to use the network alone") from None
-    if keys.ndim != 2 or keys.size(1) != config.embed_dim or values.shape != keys.shape[:1] or any(
+    dim = config.embed_dim if axes is None else keys.size(-1)
+    if axes is not None and (axes[0].shape != (config.embed_dim,) or axes[1].shape != (config.embed_dim, dim)):
+        raise UsageError(f"{path} does not fit the model in {CONFIG_FILE}; delete it to use the network alone")
+    if keys.ndim != 2 or keys.size(1) != dim or values.shape != keys.shape[:1] or any(
             len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < config.vocab_size for ids in (values, text)):
         raise UsageError(f"{path} does not fit the model in {CONFIG_FILE}; delete it to use the network alone")
     if config.memory_ngram_weight > 0 and not len(text):
         raise UsageError(f"{path} was built without the training tokens that model.memory_ngram_weight needs (an "
                          "older version): train again, or set the weight to 0")
-    return Memory(keys, values, text.long(), config, device)
+    return Memory(keys, values, text.long(), config, device, axes)

@@ -48,6 +48,8 @@ class ModelConfig:
     embedding_dropout: float = 0.0  # chance that a vocabulary entry is dropped from the input for a step
     memory_weight: float = 0.0  # share of the training text's memory in predictions (gpt.memory); 0: off
     memory_temperature: float = 110.0  # the memory's softmax temperature over squared distances of hidden states
+    # (a run with train.tune_memory_temperature picks one from a quarter to twice this on its validation split)
+    memory_dim: int = 64  # the memory's keys: the hidden states' top principal components (0: the states whole)
     memory_ngram_weight: float = 0.0  # share of the memory's Kneser-Ney n-gram of the training tokens (gpt.ngram)
     memory_ngram_order: int = 4  # the n-gram's longest context, in tokens, plus one
     activation: str = "gelu"  # the MLP's GELU: "gelu" exact, "gelu_tanh" the approximation (slower on a CPU)
@@ -76,6 +78,8 @@ class ModelConfig:
         if self.memory_ngram_weight and not self.memory_weight:
             raise UsageError("model.memory_ngram_weight needs model.memory_weight above 0: the n-gram is part of the "
                              "memory of the training text")
+        if self.memory_dim < 0:
+            raise UsageError(f"model.memory_dim must be zero (the whole hidden state) or more, got {self.memory_dim}")
         if self.memory_ngram_order <= 0:
             raise UsageError(f"model.memory_ngram_order must be a positive integer, got {self.memory_ngram_order}")
         if self.arch not in ARCHS:
@@ -113,8 +117,8 @@ class TrainConfig:
     retyped_copies: float = 0.0  # share of the BPE-dropout copies rewritten in another typography (gpt.typography)
     soup_trunk_steps: int = 0  # steps of a trunk at the peak learning rate before branches (gpt.soup); 0: off
     soup_branch_steps: int = 230  # the least steps a branch gets; as many branches as fit follow the trunk
-    soup_memory_temperature: float = 0.0  # model.memory_temperature for the branches' average (0: unchanged)
     soup_weight_decay: float = 0.0  # weight_decay from the moment a run decides to branch (0: unchanged)
+    tune_memory_temperature: bool = True  # the validation split picks the temperature of each memory a run builds
     weight_average: float = 0.0  # decay of an exponential moving average of the weights (0: off), used to
     # validate and save the model; e.g. 0.98 averages over about the last 50 steps
 
@@ -151,8 +155,7 @@ class TrainConfig:
             value = getattr(self, item.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"train.{item.name} must be a finite number, got {value}")
-        for name in ("warmup_steps", "seed", "weight_decay", "soup_trunk_steps", "soup_memory_temperature",
-                     "soup_weight_decay"):
+        for name in ("warmup_steps", "seed", "weight_decay", "soup_trunk_steps", "soup_weight_decay"):
             if getattr(self, name) < 0:
                 raise UsageError(f"train.{name} must be zero or more, got {getattr(self, name)}")
         if self.seed >= 2**63:
@@ -187,10 +190,10 @@ PRESETS: dict[str, Preset] = {
         about="2 layers, 32 wide: trains in seconds, for tests and smoke checks",
     ),
     "small": Preset(
-        model=dict(dropout=0.0, attention_dropout=0.0, memory_weight=0.45, memory_temperature=120.0,
+        model=dict(dropout=0.0, attention_dropout=0.0, memory_weight=0.45, memory_temperature=80.0,
                    memory_ngram_weight=0.2, memory_ngram_order=4),
         train=dict(bpe_dropout=0.07, bpe_copies=20, retyped_copies=0.5, eval_interval=180, soup_trunk_steps=400,
-                   soup_branch_steps=230, soup_weight_decay=1.0, soup_memory_temperature=150.0),
+                   soup_branch_steps=230, soup_weight_decay=1.0),
         about="6 layers, 512 wide, 64-token context, BPE dropout, half the copies in other typographies, "
               "a memory of the training text (neighbours and n-gram counts): the default, "
               "tuned for 10 minutes on a laptop CPU",

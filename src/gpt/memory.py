@@ -19,6 +19,12 @@ as scoring the network alone; the memory holds only the training split. On a sma
 for many passes, is sure of what it memorised; the neighbours spread that knowledge over similar contexts, and
 the counts know exactly which words followed which (docs/training.md, rounds 9 and 10). A network and its
 memory together are a gpt.predictor.Predictor, what samples and scores with the mixture.
+
+The keys are the hidden states' top model.memory_dim principal components (their mean subtracted), and every
+query is projected the same way: a sample reads an eighth of the keys' bytes at 64 of 512 dimensions, and the
+neighbours are no worse for it (docs/training.md, round 24). How sharply the neighbours are weighed depends on
+how far training has pulled the states apart, so a run picks the temperature on its validation split
+(`tune_temperature`), as it picks the weights it keeps.
 """
 
 from __future__ import annotations
@@ -37,11 +43,15 @@ from gpt.ngram import NGram, token_contexts
 MEMORY_MAX_BYTES = 256 * 2**20  # fp16 keys; beyond this a text is long enough that the network alone suffices
 QUERY_CHUNK = 256  # queries scored at once: QUERY_CHUNK x keys floats of scratch memory
 SCAN_BLOCKS = 64  # the key rows divide into 2 blocks per thread for up to 32 threads (decoding.row_blocks_of)
+TEMPERATURE_STEPS = tuple(2 ** (k / 3) for k in range(-6, 4))  # x 1/4 ... x 2 the configured temperature
+TUNED_EVERY = 8  # every eighth validation target chooses the temperature: each one costs a softmax over the keys
 
 
 class Memory:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, text: torch.Tensor, config: ModelConfig,
-                 device="cpu"):
+                 device="cpu", axes: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """keys (N, D): hidden states (D = E), or with `axes` = (center (E,), directions (E, D)) their projections."""
+        self.axes = None if axes is None else tuple(a.float().to(device) for a in axes)
         # the keys as decoding's row blocks, each block's keys contiguous as columns: rows padded to a multiple of
         # SCAN_BLOCKS, each padding key infinitely far from every query (weight 0), so that one query's distances
         # run on every thread (2.3 ms against 4.0 for the strided blocks of the key rows, 40K keys, docs/benchmarks.md)
@@ -71,13 +81,20 @@ class Memory:
         """(N, E) the stored hidden states, in the order of the values (a copy)."""
         return self.scanned.transpose(1, 2).reshape(-1, self.scanned.size(1))[: len(self.values)]
 
+    def query(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, E) final hidden states -> (n, D) as the keys are stored."""
+        hidden = hidden.float().to(self.scanned.device)
+        return hidden if self.axes is None else (hidden - self.axes[0]) @ self.axes[1]
+
+    def distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """(n, D) projected queries -> (n, N + pad) squared distances to every key (padding: infinite)."""
+        return (queries**2).sum(-1, keepdim=True) - 2 * blocked_linear(queries, self.scanned, None) + self.key_norms
+
     def probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, E) final hidden states -> (n, vocab) the memory's next-token distribution."""
-        hidden = hidden.float().to(self.scanned.device)
         chunks = []
-        for part in hidden.split(QUERY_CHUNK):
-            distances = (part**2).sum(-1, keepdim=True) - 2 * blocked_linear(part, self.scanned, None) + self.key_norms
-            weights = torch.softmax(-distances / self.temperature, dim=-1)
+        for part in self.query(hidden).split(QUERY_CHUNK):
+            weights = torch.softmax(-self.distances(part) / self.temperature, dim=-1)
             by_token = torch.zeros(self.vocab_size, len(part), device=part.device)
             chunks.append(by_token.index_add_(0, self.scanned_values, weights.T).T)  # (n, vocab): summed per value
         return torch.cat(chunks)
@@ -105,6 +122,18 @@ class Memory:
         return torch.logaddexp(mixture, counted)
 
 
+def principal_axes(keys: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, E) keys -> their mean (E,) and their `dim` directions of most variance (E, dim)."""
+    total, products = torch.zeros(keys.size(1), dtype=torch.float64), 0
+    for part in keys.split(65536):
+        part = part.double()
+        total, products = total + part.sum(0), products + part.T @ part
+    center = total / len(keys)
+    covariance = products / len(keys) - torch.outer(center, center)  # (E, E)
+    directions = torch.linalg.eigh(covariance).eigenvectors[:, -dim:].flip(1)  # eigh sorts ascending
+    return center.float(), directions.float().contiguous()
+
+
 @torch.no_grad()
 def build_memory(model: GPT, ids: np.ndarray, ignore_id: int, stride: int | None = None,
                  autocast_dtype: torch.dtype | None = None) -> Memory:
@@ -120,8 +149,45 @@ def build_memory(model: GPT, ids: np.ndarray, ignore_id: int, stride: int | None
         keys.append(hidden.half().cpu())
         values.append(y[scored])
     model.train(was_training)
-    return Memory(torch.cat(keys), torch.cat(values), torch.from_numpy(np.asarray(ids).astype(np.int64)),
-                  model.config, device)
+    keys, axes, dim = torch.cat(keys), None, model.config.memory_dim
+    if 0 < dim < keys.size(1) <= len(keys):
+        axes = principal_axes(keys, dim)
+        keys = torch.cat([((part.float() - axes[0]) @ axes[1]).half() for part in keys.split(65536)])
+    return Memory(keys, torch.cat(values), torch.from_numpy(np.asarray(ids).astype(np.int64)), model.config,
+                  device, axes)
+
+
+@torch.no_grad()
+def tune_temperature(memory: Memory, model: GPT, ids: np.ndarray, ignore_id: int, stride: int | None = None,
+                     autocast_dtype: torch.dtype | None = None) -> float:
+    """Set the memory's temperature to the one of TEMPERATURE_STEPS x model.memory_temperature under which the
+    mixture scores every TUNED_EVERY-th target of `ids` (the validation split) best, and return it. The distances
+    are computed once; each temperature costs a softmax over them; the network and n-gram parts stay the same."""
+    T, device = model.config.sequence_len, model.token_embed.weight.device
+    temperatures = [model.config.memory_temperature * step for step in TEMPERATURE_STEPS]
+    was_training = model.training
+    model.eval()
+    nats = torch.zeros(len(temperatures), dtype=torch.float64)
+    for x, y, scored in window_batches(ids, T, checked_stride(stride, T), ignore_id):
+        x, y, scored = x.to(device), y.to(device), scored.to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            hidden = model.hidden(x)[scored]  # (n, E)
+            logits = model.head(hidden)
+        target = y[scored][:, None]
+        network = torch.log_softmax(logits.float(), -1).gather(1, target)
+        fixed = network + math.log1p(-memory.weight - memory.ngram_weight)  # (n, 1) all but the neighbours
+        if memory.ngram is not None:
+            counted = memory.ngram.probs(memory.contexts(x)[scored]).to(device).gather(1, target)
+            fixed = torch.logaddexp(fixed, counted.log() + math.log(memory.ngram_weight))
+        queries, fixed, target = memory.query(hidden[::TUNED_EVERY]), fixed[::TUNED_EVERY], target[::TUNED_EVERY]
+        for part, rest, tokens in zip(queries.split(QUERY_CHUNK), fixed.split(QUERY_CHUNK), target.split(QUERY_CHUNK)):
+            distances, same = memory.distances(part), memory.scanned_values[None, :] == tokens  # (n, N + pad)
+            for i, temperature in enumerate(temperatures):
+                recalled = (torch.softmax(-distances / temperature, dim=-1) * same).sum(-1, keepdim=True)
+                nats[i] -= torch.logaddexp(rest, recalled.log() + math.log(memory.weight)).double().sum().cpu()
+    model.train(was_training)
+    memory.temperature = temperatures[int(nats.argmin())]
+    return memory.temperature
 
 
 def fits(num_tokens: int, config: ModelConfig) -> bool:

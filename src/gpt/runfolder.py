@@ -36,7 +36,7 @@ from gpt.corpus import load_documents, split_documents
 from gpt.dataset import TokenSplits, check_lengths, prepare_splits, token_dtype, write_tokens
 from gpt.evaluate import Score, score_from_counts, total_nats
 from gpt.logs import MetricsLog
-from gpt.memory import build_memory, fits
+from gpt.memory import build_memory, fits, tune_temperature
 from gpt.model import GPT
 from gpt.predictor import Predictor
 from gpt.preflight import check_disk, check_training, run_files, what_to_lower
@@ -185,18 +185,20 @@ def validation_score(model: GPT | Predictor, splits: TokenSplits, eot: int, stri
 def remember_training_text(
     out: Path, model_config: ModelConfig, splits: TokenSplits, eot: int, stride: int | None, device: torch.device,
     low_precision: torch.dtype | None, metrics: MetricsLog, say, step: int, reserved: float, run_seconds: float,
-    temperature: float = 0.0,
+    tune: bool = False,
 ) -> None:
     """Build the memory (gpt.memory) of the saved weights over the plain training tokens, save it, and log
     the validation score with and without it, its time against the `reserved` estimate, and the run's time at
-    its end (`run_seconds` before this): what --max-time bounds. A `temperature` replaces the memory's own."""
+    its end (`run_seconds` before this): what --max-time bounds. With `tune` the validation split picks the
+    memory's temperature (gpt.memory.tune_temperature), which config.json then records."""
     started = time.perf_counter()
-    if temperature:
-        set_memory_temperature(out, model_config, temperature)
     model = GPT(config=model_config).to(device)
     load_weights(model, out / WEIGHTS_FILE)
     alone = validation_score(model, splits, eot, stride, low_precision)
     memory = build_memory(model, splits.plain_train, eot, stride, low_precision)
+    if tune:
+        set_memory_temperature(out, model_config, tune_temperature(memory, model, splits.val, eot, stride,
+                                                                   low_precision))
     save_memory(out, memory, weights_step(out / WEIGHTS_FILE))
     mixed = validation_score(Predictor(model, memory), splits, eot, stride, low_precision)
     seconds = time.perf_counter() - started
@@ -256,12 +258,15 @@ def validates_with_memory(splits: TokenSplits, model_config: ModelConfig, train_
 
 
 def score_with_memory(model: GPT, splits: TokenSplits, eot: int, stride: int | None,
-                      low_precision: torch.dtype | None) -> tuple[Score, float, float]:
+                      low_precision: torch.dtype | None, tune: bool = False) -> tuple[Score, float, float]:
     """Validation with a memory of the model's current weights, as a run stopped here would score, and the
     seconds its keys and its scoring took (they time the memory built at the end). Its keys come from windows
-    that do not overlap: half the work of the saved memory's (0.001 bits/char apart on Alice, docs/training.md)."""
+    that do not overlap: half the work of the saved memory's (0.001 bits/char apart on Alice, docs/training.md).
+    With `tune` the validation split picks the memory's temperature first, as at the end (timed with the scoring)."""
     started = time.perf_counter()
     memory = build_memory(model, splits.plain_train, eot, model.config.sequence_len, low_precision)
     built = time.perf_counter()
+    if tune:
+        tune_temperature(memory, model, splits.val, eot, stride, low_precision)
     score = validation_score(Predictor(model, memory), splits, eot, stride, low_precision)
     return score, built - started, time.perf_counter() - built

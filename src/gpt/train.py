@@ -244,8 +244,7 @@ class Run:
             if self.remembering and not stopping and (self.out / WEIGHTS_FILE).exists():
                 remember_training_text(self.out, self.model_config, self.splits, self.eot, config.eval_stride,
                                        self.device, self.low_precision, self.metrics, self.say, self.step,
-                                       self.reserve, time.perf_counter() - self.started,
-                                       config.soup_memory_temperature if self.soup.averaged else 0.0)
+                                       self.reserve, time.perf_counter() - self.started, config.tune_memory_temperature)
         return self.end((stop.received or "SIGTERM") if stopping else None)
 
     def optimizer_step(self, sampler: WindowSampler) -> torch.Tensor:
@@ -332,7 +331,8 @@ class Run:
                                          autocast_dtype=self.low_precision)
                 network_seconds = time.perf_counter() - started_at
                 mixed, keys, scoring = score_with_memory(self.model, self.splits, self.eot, self.config.eval_stride,
-                                                         self.low_precision) if with_memory else (None, None, None)
+                                                         self.low_precision, self.config.tune_memory_temperature
+                                                         ) if with_memory else (None, None, None)
         except Exception as err:
             if self.world.is_main:
                 print(f"warning: validation failed at step {self.step} ({first_line(err)}); training goes on and "
