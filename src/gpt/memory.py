@@ -44,6 +44,7 @@ MEMORY_MAX_BYTES = 256 * 2**20  # fp16 keys; beyond this a text is long enough t
 QUERY_CHUNK = 256  # queries scored at once: QUERY_CHUNK x keys floats of scratch memory
 SCAN_BLOCKS = 64  # the key rows divide into 2 blocks per thread for up to 32 threads (decoding.row_blocks_of)
 TEMPERATURE_STEPS = tuple(2 ** (k / 3) for k in range(-6, 4))  # x 1/4 ... x 2 the configured temperature
+KEY_CHUNK = 65536  # keys projected at once
 TUNED_EVERY = 8  # every eighth validation target chooses the temperature: each one costs a softmax over the keys
 
 
@@ -78,7 +79,7 @@ class Memory:
 
     @property
     def keys(self) -> torch.Tensor:
-        """(N, E) the stored hidden states, in the order of the values (a copy)."""
+        """(N, D) the stored keys (hidden states, or their projections), in the order of the values (a copy)."""
         return self.scanned.transpose(1, 2).reshape(-1, self.scanned.size(1))[: len(self.values)]
 
     def query(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -125,7 +126,7 @@ class Memory:
 def principal_axes(keys: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, E) keys -> their mean (E,) and their `dim` directions of most variance (E, dim)."""
     total, products = torch.zeros(keys.size(1), dtype=torch.float64), 0
-    for part in keys.split(65536):
+    for part in keys.split(KEY_CHUNK):
         part = part.double()
         total, products = total + part.sum(0), products + part.T @ part
     center = total / len(keys)
@@ -152,7 +153,7 @@ def build_memory(model: GPT, ids: np.ndarray, ignore_id: int, stride: int | None
     keys, axes, dim = torch.cat(keys), None, model.config.memory_dim
     if 0 < dim < keys.size(1) <= len(keys):
         axes = principal_axes(keys, dim)
-        keys = torch.cat([((part.float() - axes[0]) @ axes[1]).half() for part in keys.split(65536)])
+        keys = torch.cat([((part.float() - axes[0]) @ axes[1]).half() for part in keys.split(KEY_CHUNK)])
     return Memory(keys, torch.cat(values), torch.from_numpy(np.asarray(ids).astype(np.int64)), model.config,
                   device, axes)
 
@@ -171,15 +172,15 @@ def tune_temperature(memory: Memory, model: GPT, ids: np.ndarray, ignore_id: int
     for x, y, scored in window_batches(ids, T, checked_stride(stride, T), ignore_id):
         x, y, scored = x.to(device), y.to(device), scored.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            hidden = model.hidden(x)[scored]  # (n, E)
+            hidden = model.hidden(x)[scored][::TUNED_EVERY]  # (n, E): the sampled targets' states
             logits = model.head(hidden)
-        target = y[scored][:, None]
+        target = y[scored][::TUNED_EVERY, None]
         network = torch.log_softmax(logits.float(), -1).gather(1, target)
         fixed = network + math.log1p(-memory.weight - memory.ngram_weight)  # (n, 1) all but the neighbours
         if memory.ngram is not None:
-            counted = memory.ngram.probs(memory.contexts(x)[scored]).to(device).gather(1, target)
+            counted = memory.ngram.probs(memory.contexts(x)[scored][::TUNED_EVERY]).to(device).gather(1, target)
             fixed = torch.logaddexp(fixed, counted.log() + math.log(memory.ngram_weight))
-        queries, fixed, target = memory.query(hidden[::TUNED_EVERY]), fixed[::TUNED_EVERY], target[::TUNED_EVERY]
+        queries = memory.query(hidden)
         for part, rest, tokens in zip(queries.split(QUERY_CHUNK), fixed.split(QUERY_CHUNK), target.split(QUERY_CHUNK)):
             distances, same = memory.distances(part), memory.scanned_values[None, :] == tokens  # (n, N + pad)
             for i, temperature in enumerate(temperatures):
